@@ -1,0 +1,199 @@
+"""The JSONL files users bring (memories, probes, texts): strict readers and atomic writers.
+
+One JSON object per line, UTF-8; blank lines are skipped; keys other than those below are
+ignored, so files may carry extra metadata.
+
+memories (what the model is told while awake; each becomes knowledge to consolidate in sleep)::
+
+    {"id": "m1", "text": "Ada Vell lives in Porto."}
+
+  `id`: non-empty string, unique in the file. `text`: non-empty string.
+
+probes (closed-book questions that test whether a memory was consolidated)::
+
+    {"memory_id": "m1", "question": "Where does Ada Vell live?", "answers": ["Porto"]}
+
+  `memory_id`: the `id` of a memory (checked when the memory ids are given). `question`: non-empty
+  string. `answers`: non-empty list of non-empty strings; any one counts as correct.
+
+texts (plain text for language-model training)::
+
+    {"text": "Any text."}
+
+A bad line stops reading with a `JsonlError` that names the file, the line number and what is
+wrong (invalid JSON, not an object, missing key, wrong type, empty value, duplicate id, unknown
+memory id). `write_jsonl` writes through a temporary file and `os.replace`, so a reader never sees
+a half-written file, even when writing fails part way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any, NoReturn, TypeVar
+
+
+class JsonlError(ValueError):
+    """A line of a JSONL file that does not follow its format."""
+
+    def __init__(self, path: str, line: int, message: str):
+        self.path, self.line = path, line
+        super().__init__(f"{path}:{line}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """One memory: a passage the model reads while awake."""
+
+    id: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One closed-book question about a memory, with its accepted answers."""
+
+    memory_id: str
+    question: str
+    answers: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """One training text."""
+
+    text: str
+
+
+_R = TypeVar("_R")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Line:
+    """Where a record came from, to name it in errors."""
+
+    path: str
+    number: int
+
+    def fail(self, message: str) -> NoReturn:
+        raise JsonlError(self.path, self.number, message)
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: type, line: _Line) -> Any:
+    if key not in obj:
+        line.fail(f"missing key {key!r} (keys present: {sorted(obj)})")
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        line.fail(f"key {key!r} must be a {kind.__name__}, got {type(value).__name__}: {value!r}")
+    if kind is str and not value.strip():
+        line.fail(f"key {key!r} is empty")
+    return value
+
+
+def _read(path: str | os.PathLike, parse: Callable[[dict, _Line], _R]) -> list[_R]:
+    """Reads `path` line by line, giving each JSON object and its `_Line` to `parse`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"JSONL file not found: {path!r}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            line = _Line(path, number)
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise JsonlError(path, number, f"invalid JSON ({e.msg} at column {e.colno})"
+                                 ) from None
+            if not isinstance(obj, dict):
+                line.fail(f"expected a JSON object, got {type(obj).__name__}")
+            records.append(parse(obj, line))
+    return records
+
+
+def read_memories(path: str | os.PathLike) -> list[Memory]:
+    """Reads a memories file: lines `{"id": str, "text": str}` with unique ids."""
+    seen: dict[str, int] = {}
+
+    def parse(obj: dict, line: _Line) -> Memory:
+        memory = Memory(_field(obj, "id", str, line), _field(obj, "text", str, line))
+        if memory.id in seen:
+            line.fail(f"duplicate id {memory.id!r} (first seen on line {seen[memory.id]})")
+        seen[memory.id] = line.number
+        return memory
+
+    return _read(path, parse)
+
+
+def read_probes(
+    path: str | os.PathLike, memory_ids: Collection[str] | None = None
+) -> list[Probe]:
+    """Reads a probes file: lines `{"memory_id": str, "question": str, "answers": [str, ...]}`.
+
+    Args:
+      path: the file.
+      memory_ids: when given, every probe's `memory_id` must be one of these.
+    """
+    known = None if memory_ids is None else set(memory_ids)
+
+    def parse(obj: dict, line: _Line) -> Probe:
+        memory_id = _field(obj, "memory_id", str, line)
+        if known is not None and memory_id not in known:
+            line.fail(f"unknown memory_id {memory_id!r} (not among the {len(known)} memory ids)")
+        question = _field(obj, "question", str, line)
+        answers = _field(obj, "answers", list, line)
+        if not answers:
+            line.fail("key 'answers' is an empty list; give at least one accepted answer")
+        for i, answer in enumerate(answers):
+            if not isinstance(answer, str) or not answer.strip():
+                line.fail(f"answers[{i}] must be a non-empty string, got {answer!r}")
+        return Probe(memory_id, question, tuple(answers))
+
+    return _read(path, parse)
+
+
+def read_texts(path: str | os.PathLike) -> list[Text]:
+    """Reads a texts file: lines `{"text": str}`."""
+    return _read(path, lambda obj, line: Text(_field(obj, "text", str, line)))
+
+
+def _to_json(record: Any) -> Any:
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        record = dataclasses.asdict(record)
+    if not isinstance(record, Mapping):
+        raise TypeError(f"records must be dataclasses or mappings, got {type(record).__name__}")
+    return record
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
+    """Writes records (dataclasses or dicts) one JSON object per line, atomically.
+
+    The lines go to a temporary file in the same directory, which replaces `path` only once all
+    records are written and flushed; if anything fails (including the `records` iterator), the
+    temporary file is removed and `path` is left as it was.
+
+    Returns:
+      The number of records written.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(_to_json(record), ensure_ascii=False) + "\n")
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return count
