@@ -67,3 +67,50 @@ def apply_gradients(state: TrainState, grads, mask=None) -> TrainState:
             lambda n, o: _where_tree(mask, n, o) if is_params_like(n) else n,
             new_opt, state.opt_state, is_leaf=is_params_like)
     return state.replace(params=new_params, opt_state=new_opt, step=state.step + 1)
+
+
+def _params_like(tree, pdef) -> bool:
+    return jax.tree.structure(tree) == pdef
+
+
+def train_state_shardings(state: TrainState, mesh: jax.sharding.Mesh, rules=None) -> TrainState:
+    """A TrainState-shaped tree of NamedShardings for ``state`` (abstract or concrete) on ``mesh``.
+
+    Parameters and other variables follow their logical axis names; every optimizer subtree
+    shaped like the parameters (Adam moments) follows the parameters; the remaining optimizer
+    leaves (counters) and ``step`` are replicated. Usable as ``in/out_shardings`` of ``jax.jit``.
+    """
+    from sleep_jax.mesh import RULES
+    from sleep_jax.models.sharding import state_shardings
+
+    rules = rules or RULES
+    params_sh = state_shardings(state.params, mesh, rules)
+    other_sh = state_shardings(state.other, mesh, rules)
+    pdef = jax.tree.structure(state.params)
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_sh = jax.tree.map(lambda sub: params_sh if _params_like(sub, pdef) else repl,
+                          state.opt_state, is_leaf=lambda x: _params_like(x, pdef))
+    return state.replace(params=params_sh, other=other_sh, opt_state=opt_sh, step=repl)
+
+
+def abstract_train_state(model_factory, tx: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh | None = None, rules=None) -> TrainState:
+    """The train state of ``model_factory()`` as ShapeDtypeStructs, with shardings on ``mesh``.
+
+    Nothing is allocated; this is the restore target for a checkpoint onto any mesh.
+    """
+    abstract = jax.eval_shape(lambda: create_train_state(model_factory(), tx))
+    if mesh is None:
+        return abstract
+    sh = train_state_shardings(abstract, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, sh)
+
+
+def create_sharded_train_state(model_factory, tx: optax.GradientTransformation,
+                               mesh: jax.sharding.Mesh, rules=None) -> TrainState:
+    """``create_train_state(model_factory(), tx)`` with every array created on its shard."""
+    abstract = jax.eval_shape(lambda: create_train_state(model_factory(), tx))
+    sh = train_state_shardings(abstract, mesh, rules)
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda: create_train_state(model_factory(), tx), out_shardings=sh)()

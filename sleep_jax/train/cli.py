@@ -1,0 +1,214 @@
+"""``sleep-jax train``: train a model from a config file; re-running the command resumes.
+
+  sleep-jax train --config configs/train.py:tiny --workdir runs/tiny [--config.train.steps=100]
+      [--config.data.source=jsonl --config.data.path=texts.jsonl] [--allow_config_change]
+
+Data: ``builtin`` (generated sentences, so the command runs with defaults), ``jsonl`` (one
+``{"text": ...}`` per line) or ``tfds`` (an array_record dataset: ``data.path`` is the prepared
+dataset's directory, or ``data.tfds_name`` a name under the data_dir ``data.path``). The run
+folder gets config.json, tokenizer.json, metrics.jsonl, tb/, train/ (checkpoints) and, at the
+end, model/ (the checkpoint directory format, when sleep_jax.models.checkpoint_dir exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from sleep_jax.config import (
+    ConfigError,
+    data_config,
+    model_config,
+    optim_config,
+    parse_config_args,
+    train_config,
+    write_run_config,
+)
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------- built-in text
+
+_SUBJECTS = ("the cat", "the dog", "a bird", "the old man", "my sister", "the teacher", "a fox",
+             "the baker", "our neighbour", "the child")
+_VERBS = ("sees", "likes", "finds", "follows", "paints", "calls", "helps", "watches")
+_OBJECTS = ("the red ball", "a small house", "the river", "an apple", "the blue door",
+            "a green hat", "the garden", "a wooden boat")
+_PLACES = ("in the morning", "at night", "near the park", "after school", "on sunday",
+           "by the sea")
+
+
+def builtin_texts(n: int, seed: int = 0) -> list[str]:
+    """``n`` generated sentences (subject verb object place.), deterministic in ``seed``."""
+    import numpy as np
+
+    r = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s = (f"{_SUBJECTS[r.integers(len(_SUBJECTS))]} {_VERBS[r.integers(len(_VERBS))]} "
+             f"{_OBJECTS[r.integers(len(_OBJECTS))]} {_PLACES[r.integers(len(_PLACES))]}.")
+        out.append(s[0].upper() + s[1:])
+    return out
+
+
+class _Slice(Sequence):
+    """A view of ``seq[start:stop]`` for random-access sources that cannot slice."""
+
+    def __init__(self, seq, start: int, stop: int):
+        self._seq, self._start, self._len = seq, start, max(0, stop - start)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i):
+        if not -self._len <= i < self._len:
+            raise IndexError(i)
+        return self._seq[self._start + (i % self._len)]
+
+
+def load_examples(dcfg, seed: int) -> Sequence[str]:
+    """The texts named by the data config (a random-access sequence of str)."""
+    if dcfg.source == "builtin":
+        return builtin_texts(dcfg.builtin_sentences, seed)
+    if dcfg.source == "jsonl":
+        if not dcfg.path:
+            raise ConfigError("data.source='jsonl' needs --config.data.path=FILE.jsonl")
+        if not os.path.isfile(dcfg.path):
+            raise FileNotFoundError(f"data file {dcfg.path!r} not found (--config.data.path); "
+                                    f"give a JSONL file with one {{\"text\": ...}} per line")
+        from sleep_jax.data.jsonl import read_texts
+
+        return [t.text for t in read_texts(dcfg.path)]
+    if dcfg.source == "tfds":
+        from sleep_jax.data.tfds_source import tfds_text_source
+
+        if dcfg.tfds_name:
+            return tfds_text_source(dcfg.tfds_name, split=dcfg.split, data_dir=dcfg.path or None)
+        if not dcfg.path:
+            raise ConfigError("data.source='tfds' needs data.path (a prepared dataset directory)"
+                              " or data.tfds_name")
+        return tfds_text_source(dcfg.path, split=dcfg.split)
+    raise ConfigError(f"data.source={dcfg.source!r}; allowed: builtin, jsonl, tfds")
+
+
+def make_tokenizer(dcfg, examples: Sequence[str], workdir: str):
+    """The run's tokenizer: reloaded from workdir/tokenizer.json on resume, else built."""
+    from sleep_jax.data.tokenizers import (
+        byte_level_tokenizer,
+        load_tokenizer,
+        save_tokenizer,
+        word_level_tokenizer,
+    )
+
+    path = os.path.join(workdir, "tokenizer.json")
+    if os.path.exists(path):
+        return load_tokenizer(path)
+    if dcfg.tokenizer == "byte":
+        tok = byte_level_tokenizer()
+    elif dcfg.tokenizer == "word":
+        tok = word_level_tokenizer(examples[i] for i in range(len(examples)))
+    else:
+        raise ConfigError(f"data.tokenizer={dcfg.tokenizer!r}; allowed: byte, word")
+    save_tokenizer(tok, path)
+    return tok
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sleep-jax train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="run folder (resumes when it has a run)")
+    p.add_argument("--allow_config_change", action="store_true",
+                   help="resume even though the saved config.json differs")
+    return p
+
+
+def run(argv: list[str]) -> int:
+    """Parse, build everything, train. Raises ConfigError/FileNotFoundError on bad input."""
+    if any(a in ("-h", "--help") for a in argv):
+        _parser().print_help()
+        print("\n  --config FILE.py[:ARG]   config file (e.g. configs/train.py:tiny)\n"
+              "  --config.KEY=VALUE       override one config value")
+        return 0
+    config, rest = parse_config_args(argv)
+    args = _parser().parse_args(rest)
+    mcfg, ocfg, tcfg, dcfg = (model_config(config), optim_config(config), train_config(config),
+                              data_config(config))
+    examples = load_examples(dcfg, tcfg.seed)  # fail on a missing file before writing anything
+    write_run_config(args.workdir, config, args.allow_config_change)
+
+    import jax
+    from flax import nnx
+
+    from sleep_jax.data.pipeline import make_dataset, make_iterator
+    from sleep_jax.mesh import make_mesh
+    from sleep_jax.models import Decoder
+    from sleep_jax.train.optim import make_optimizer
+    from sleep_jax.train.state import create_sharded_train_state
+    from sleep_jax.train.trainer import fit
+
+    mesh = make_mesh(config.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tcfg.batch_size % (shards * tcfg.micro_batches):
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by "
+                          f"micro_batches x data x fsdp = {tcfg.micro_batches} x {shards}")
+    tok = make_tokenizer(dcfg, examples, args.workdir)
+    vocab = tok.get_vocab_size()
+    if vocab > mcfg.vocab:
+        new = -(-vocab // 64) * 64
+        log.warning("tokenizer has %d tokens > model.vocab=%d: using vocab %d", vocab,
+                    mcfg.vocab, new)
+        mcfg = mcfg.replace(vocab=new)
+    n_eval = int(len(examples) * dcfg.eval_fraction) if tcfg.eval_every else 0
+    train_src = _Slice(examples, 0, len(examples) - n_eval) if n_eval else examples
+    ds = make_dataset(train_src, tok, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
+                      seed=tcfg.seed, pack=dcfg.pack)
+    eval_batches = None
+    if n_eval:
+        eds = make_dataset(_Slice(examples, len(examples) - n_eval, len(examples)), tok,
+                           seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed,
+                           pack=dcfg.pack, shuffle=False)
+        it = make_iterator(eds)
+        eval_batches = [next(it) for _ in range(tcfg.eval_batches)]
+
+    tx = make_optimizer(ocfg, tcfg.steps)
+    state = create_sharded_train_state(lambda: Decoder(mcfg, rngs=nnx.Rngs(tcfg.seed)), tx, mesh)
+    log.info("model %s: %d parameters on mesh %s", config.model.preset,
+             sum(x.size for x in jax.tree.leaves(state.params)), dict(mesh.shape))
+    result = fit(state, make_iterator(ds), train_cfg=tcfg, optim_cfg=ocfg, mesh=mesh,
+                 workdir=args.workdir, eval_batches=eval_batches)
+    print(result.message, file=sys.stderr if result.status == "nonfinite" else sys.stdout)
+    if result.status == "done":
+        _export(args.workdir, result.state, tok)
+    if result.history:
+        print(f"final loss {result.history[-1]['loss']:.4f} at step {result.step}")
+    return 1 if result.status == "nonfinite" else 0
+
+
+def _export(workdir: str, state, tok) -> None:
+    try:
+        from sleep_jax.models.checkpoint_dir import save_checkpoint
+    except ImportError:
+        log.info("sleep_jax.models.checkpoint_dir not available: model/ not written")
+        return
+    save_checkpoint(os.path.join(workdir, "model"), state.model(), tok)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``sleep-jax train``; returns the exit status (2 on bad input)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sleep_jax").setLevel(logging.INFO)
+    try:
+        return run(list(argv))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"sleep-jax train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

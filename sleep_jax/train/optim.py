@@ -1,0 +1,52 @@
+"""The optimizer: AdamW with linear warmup, cosine decay and global-norm clipping (optax).
+
+AdamW: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (arXiv 1711.05101).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from sleep_jax.config import OptimConfig
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup to ``cfg.lr`` then cosine decay to ``cfg.lr * cfg.end_lr_ratio``.
+
+    lr(t) = lr * t / W for t < W; lr(t) = e + (lr - e) (1 + cos(pi (t - W) / (S - W))) / 2 for
+    W <= t < S; lr(t) = e after S, with W warmup steps, S decay steps (``total_steps`` when
+    ``cfg.decay_steps`` is 0) and e the end value.
+
+    optax 0.2.8's ``warmup_cosine_decay_schedule`` fails when W >= S (short runs), so W is
+    clamped to S - 1 and S to at least 1.
+    """
+    decay = int(cfg.decay_steps or total_steps)
+    decay = max(decay, 1)
+    warmup = max(0, min(int(cfg.warmup_steps), decay - 1))
+    end = cfg.lr * cfg.end_lr_ratio
+    if warmup == 0:
+        return optax.cosine_decay_schedule(cfg.lr, decay_steps=decay,
+                                           alpha=cfg.end_lr_ratio)
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=cfg.lr,
+                                              warmup_steps=warmup, decay_steps=decay,
+                                              end_value=end)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping (``cfg.clip_norm`` > 0) followed by AdamW on ``lr_schedule``.
+
+    Weight decay applies to every parameter (the tiny models have no biases); decay is masked out
+    with the trainable mask together with the update (see ``apply_gradients``).
+    """
+    chain = []
+    if cfg.clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+    chain.append(optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay))
+    return optax.chain(*chain)
+
+
+def current_lr(cfg: OptimConfig, total_steps: int, step) -> jnp.ndarray:
+    """The learning rate at optimizer step ``step`` (for logging)."""
+    return lr_schedule(cfg, total_steps)(step)
