@@ -1,0 +1,22 @@
+"""Function-preserving parameter growth, jitted and written straight onto a target mesh.
+
+Operators (each a list of axis plans over logical names): expert slots (the paper's growth),
+width (HyperCloning replication or zero-pad), attention heads and FFN (Net2Net split or zero-init
+units), depth (identity layers), and the non-preserving G_stack baseline; optimizer moments map
+with each operator's gradient rule. ``grow`` composes them into one jitted function.
+"""
+
+from sleep_jax.grow.api import (
+    compile_growth,
+    grow,
+    grow_arrays,
+    grow_model,
+    grown_config,
+    plan_growth,
+)
+from sleep_jax.grow.experts import activate_slot, reset_slots
+from sleep_jax.grow.spec import GrowOptions, check_growth, parse_overrides, target_config
+
+__all__ = ["GrowOptions", "activate_slot", "check_growth", "compile_growth", "grow",
+           "grow_arrays", "grow_model", "grown_config", "parse_overrides", "plan_growth",
+           "reset_slots", "target_config"]

@@ -1,0 +1,249 @@
+"""``grow``: the whole growth as one jitted function written straight onto the target mesh.
+
+The operators compose in a fixed order, each changing only its own config fields: expert slots,
+heads, FFN width, residual width (which derives the new ``norm_eps``), depth. Every operator is a
+list of ``AxisPlan``s applied to all parameters, non-trainable state, optimizer moments and the
+trainable mask by logical axis name. The function is traced once per (source config, target
+config, options, mesh, input structure) and compiled with ``out_shardings`` computed from the
+target model's logical names on the target mesh, so the grown arrays are produced on their
+shards (no host round-trip); the source may live on another mesh layout over the same devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sleep_jax.grow.axismap import AxisPlan, key_for, resize_mask, resize_moment, resize_value
+from sleep_jax.grow.depth import depth_plans
+from sleep_jax.grow.experts import expert_plans
+from sleep_jax.grow.ffn import ffn_plans
+from sleep_jax.grow.flat import axes_of, flatten, is_var, rebuild
+from sleep_jax.grow.heads import head_plans
+from sleep_jax.grow.optimizer import collect_moments, rebuild_opt_state
+from sleep_jax.grow.spec import GrowOptions, check_growth
+from sleep_jax.grow.stack import stack_plans
+from sleep_jax.grow.width import width_plans
+from sleep_jax.mesh import RULES, logical_to_spec
+from sleep_jax.models.config import ModelConfig
+from sleep_jax.models.sharding import state_shardings
+
+Factory = Callable[[ModelConfig], nnx.Module]
+
+
+def default_factory(cfg: ModelConfig) -> nnx.Module:
+    from sleep_jax.models.llama import Decoder
+
+    return Decoder(cfg, rngs=nnx.Rngs(0))
+
+
+@dataclasses.dataclass
+class Step:
+    """One operator: its name, the config after it, and its axis plans."""
+
+    name: str
+    cfg: ModelConfig
+    plans: list[AxisPlan]
+
+
+def plan_growth(src: ModelConfig, dst: ModelConfig, options: GrowOptions | None = None
+                ) -> tuple[list[Step], ModelConfig]:
+    """The composed operators for ``src -> dst`` and the grown config (with derived eps)."""
+    options = options or GrowOptions()
+    check_growth(src, dst)
+    steps, cfg = [], src
+
+    def add(name, after, plans):
+        nonlocal cfg
+        if plans:
+            steps.append(Step(name, after, plans))
+        cfg = after
+
+    after = cfg.replace(expert_slots=dst.expert_slots)
+    add("experts", after, expert_plans(cfg, after))
+    after = cfg.replace(heads=dst.heads, kv_heads=dst.kv_heads)
+    add("heads", after, head_plans(cfg, after, options.heads))
+    after = cfg.replace(mlp=dst.mlp)
+    add("ffn", after, ffn_plans(cfg, after, options.mlp))
+    after = cfg.replace(embed=dst.embed)
+    plans, eps = width_plans(cfg, after, options.width)
+    add("width", after.replace(norm_eps=eps), plans)
+    after = cfg.replace(layers=dst.layers)
+    if options.depth == "stack":
+        add("stack", after, stack_plans(cfg, after))
+    else:
+        add("depth", after, depth_plans(cfg, after, options.insert_at))
+    return steps, cfg
+
+
+def grown_config(src: ModelConfig, dst: ModelConfig, options: GrowOptions | None = None
+                 ) -> ModelConfig:
+    """The config of the grown model: ``dst`` with the ``norm_eps`` the width operator derives."""
+    return plan_growth(src, dst, options)[1]
+
+
+def _abstract(factory: Factory, cfg: ModelConfig):
+    """(graphdef, params, other) of the model for ``cfg``, shapes only."""
+    return nnx.split(nnx.eval_shape(lambda: factory(cfg)), nnx.Param, ...)
+
+
+def _zeros_missing(v, step: Step):
+    """A source stand-in for a variable the step creates: size 0 along the step's axes."""
+    axes = axes_of(v)
+    grown = {p.axis for p in step.plans}
+    shape = tuple(0 if a in grown else d for a, d in zip(axes, v.shape))
+    return jnp.zeros(shape, v.dtype)
+
+
+def grow_arrays(params, other, opt_state, rng, *, steps: list[Step], options: GrowOptions,
+                factory: Factory = default_factory):
+    """The growth on arrays (traceable; ``grow`` jits it with target shardings).
+
+    Args:
+      params, other: nnx.States of the source (trainable params; other variables).
+      opt_state: optax state of the source or None.
+      rng: key for new random weights and noise.
+      steps: from ``plan_growth``.
+    Returns:
+      (params, other, opt_state, mask) of the grown model; mask is a params-like state of bool
+      arrays (scalar False where nothing is new) marking new entries and second copies.
+    """
+    flat_p, flat_o = flatten(params), flatten(other)
+    P = {k: v[...] for k, v in flat_p.items()}
+    O = {k: v[...] for k, v in flat_o.items()}
+    AX = {k: axes_of(v) for k, v in {**flat_p, **flat_o}.items()}
+    moments = collect_moments(opt_state, params)
+    mask: dict[str, jax.Array | None] = dict.fromkeys(P)
+    final = None
+    for step in steps:
+        _, abs_p, abs_o = final = _abstract(factory, step.cfg)
+        for store, abs_tree in ((P, abs_p), (O, abs_o)):
+            for k, v in flatten(abs_tree).items():
+                if k not in store:
+                    AX[k] = axes_of(v)
+                    store[k] = _zeros_missing(v, step)
+                    if store is P:
+                        mask[k] = None
+                        for _, flat in moments.values():
+                            flat[k] = store[k]
+        for plan in step.plans:
+            for k in P:
+                if AX[k] is None or plan.axis not in AX[k]:
+                    continue
+                key = key_for(rng, step.name, plan.axis, k)
+                P[k] = resize_value(P[k], AX[k], plan, is_param=True, rng=key,
+                                    noise=options.noise, init_std=options.init_std)
+                mask[k] = resize_mask(mask[k], P[k].shape, AX[k], plan)
+                for second, flat in moments.values():
+                    flat[k] = resize_moment(flat[k], AX[k], plan, second=second)
+            for k in O:
+                if AX[k] is not None and plan.axis in AX[k]:
+                    O[k] = resize_value(O[k], AX[k], plan, is_param=False, rng=rng, noise=0.0,
+                                        init_std=options.init_std)
+        for store, abs_tree in ((P, abs_p), (O, abs_o)):
+            for k, v in flatten(abs_tree).items():
+                if store[k].shape != v.shape:
+                    raise AssertionError(f"growth step {step.name!r}: {k} has shape "
+                                         f"{store[k].shape}, the target model expects {v.shape}")
+    if final is None:  # nothing grows: an identity copy onto the target mesh
+        return params, other, opt_state, rebuild(params, lambda k, v: jnp.zeros((), bool))
+    _, abs_p, abs_o = final
+    new_params = rebuild(abs_p, lambda k, v: P[k])
+    new_other = rebuild(abs_o, lambda k, v: O[k])
+    new_opt = rebuild_opt_state(opt_state, params, moments, abs_p)
+    new_mask = rebuild(abs_p, lambda k, v: jnp.zeros((), bool) if mask[k] is None else mask[k])
+    return new_params, new_other, new_opt, new_mask
+
+
+def tree_shardings(tree, mesh: Mesh, rules=RULES):
+    """NamedShardings for any pytree: variables by their logical names (when the value has
+    their rank), everything else replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(v):
+        if not is_var(v):
+            return replicated
+        names = axes_of(v)
+        if names is None or len(names) != len(v.shape):
+            return v.replace(replicated)
+        return v.replace(NamedSharding(mesh, logical_to_spec(names, v.shape, mesh, rules)))
+
+    return jax.tree.map(one, tree, is_leaf=is_var)
+
+
+_CACHE: dict = {}
+
+
+def compile_growth(src: ModelConfig, dst: ModelConfig, mesh: Mesh, example_args,
+                   options: GrowOptions | None = None, factory: Factory = default_factory,
+                   rules=RULES):
+    """(jitted fn, target graphdef, grown config) for inputs shaped like ``example_args``
+    = (params, other, opt_state, step, rng); cached."""
+    options = options or GrowOptions()
+    leaves, treedef = jax.tree.flatten(example_args)
+    sig = tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+    key = (src, dst, options, mesh, treedef, sig, factory, rules)
+    if key in _CACHE:
+        return _CACHE[key]
+    steps, final_cfg = plan_growth(src, dst, options)
+    graphdef, abs_p, abs_o = _abstract(factory, final_cfg)
+
+    def fn(params, other, opt_state, step, rng):
+        out = grow_arrays(params, other, opt_state, rng, steps=steps, options=options,
+                          factory=factory)
+        return (*out, step)
+
+    out_abs = jax.eval_shape(fn, *example_args)
+    for got, want in zip(jax.tree.leaves(out_abs[0]), jax.tree.leaves(abs_p)):
+        if (got.shape, got.dtype) != (want.shape, want.dtype):
+            raise AssertionError(f"grown params {got} differ from the target model's {want}")
+    shardings = (state_shardings(abs_p, mesh, rules), state_shardings(abs_o, mesh, rules),
+                 tree_shardings(out_abs[2], mesh, rules), tree_shardings(out_abs[3], mesh, rules),
+                 NamedSharding(mesh, PartitionSpec()))
+    if out_abs[4] is None:
+        shardings = shardings[:4] + (None,)
+    jitted = jax.jit(fn, out_shardings=shardings)
+    _CACHE[key] = (jitted, graphdef, final_cfg)
+    return _CACHE[key]
+
+
+def grow(state, src_cfg: ModelConfig, dst_cfg: ModelConfig, *, mesh: Mesh, rng: jax.Array,
+         options: GrowOptions | None = None, factory: Factory = default_factory):
+    """Grow a train state from ``src_cfg`` to ``dst_cfg`` onto ``mesh`` (function preserving).
+
+    Args:
+      state: ``sleep_jax.train.state.TrainState`` of the source model (any mesh over the same
+        devices, or unsharded).
+      src_cfg: the source config; dst_cfg: the target (from ``spec.target_config``); its
+        ``norm_eps`` is replaced by the derived one (see ``grown_config``).
+      mesh: the target mesh; every output is laid out by the target's logical names on it.
+      rng: key for new random weights and symmetry-breaking noise.
+      options: ``GrowOptions`` (operator variants, noise, depth insert positions).
+      factory: builds the model for a config (shapes only); default the Llama ``Decoder``.
+    Returns:
+      (state, trainable_mask): the grown state (graphdef of the grown config, optimizer moments
+      mapped by the operators' gradient rules, new entries with zero moments, step kept) and a
+      params-like pytree of bool arrays marking the new entries (new units, layers, slots and
+      second copies), usable as ``apply_gradients(..., mask=)``.
+    """
+    args = (state.params, state.other, state.opt_state, state.step, rng)
+    fn, graphdef, _ = compile_growth(src_cfg, dst_cfg, mesh, args, options, factory)
+    params, other, opt_state, mask, step = fn(*args)
+    return state.replace(graphdef=graphdef, params=params, other=other, opt_state=opt_state,
+                         step=step), mask
+
+
+def grow_model(model: nnx.Module, src_cfg: ModelConfig, dst_cfg: ModelConfig, *, mesh: Mesh,
+               rng: jax.Array, options: GrowOptions | None = None,
+               factory: Factory = default_factory):
+    """Params-only ``grow`` for an NNX model: returns (grown model on ``mesh``, trainable mask)."""
+    _, params, other = nnx.split(model, nnx.Param, ...)
+    args = (params, other, None, None, rng)
+    fn, graphdef, _ = compile_growth(src_cfg, dst_cfg, mesh, args, options, factory)
+    params, other, _, mask, _ = fn(*args)
+    return nnx.merge(graphdef, params, other), mask
