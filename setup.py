@@ -26,6 +26,7 @@ setup(
         "matplotlib>=3.9,<4",
         "tqdm>=4.66,<5",
         "absl-py>=2.1,<3",
+        "jinja2>=3.1",  # chat templates (sleep-jax generate --chat)
     ],
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "ruff>=0.6"],

