@@ -53,13 +53,17 @@ def apply_gradients(state: TrainState, grads, mask=None) -> TrainState:
       mask: None (train everything) or a pytree like ``state.params`` of boolean arrays that
         broadcast to each parameter (a scalar for a whole array, or an array for part of one).
         Masked-out entries of the parameters and of every optimizer leaf shaped like the
-        parameters (Adam moments) stay bitwise unchanged, weight decay included.
+        parameters (Adam moments) stay bitwise unchanged, weight decay included, and their
+        gradients are zeroed first so they do not count in global-norm clipping.
     """
-    updates, new_opt = state.tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
     if mask is not None:
         mask = jax.tree.map(lambda m, p: jnp.broadcast_to(jnp.asarray(m, bool), p.shape),
                             mask, state.params)
+        # Frozen entries' gradients must not count in global-norm clipping either.
+        grads = jax.tree.map(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), mask, grads)
+    updates, new_opt = state.tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    if mask is not None:
         new_params = _where_tree(mask, new_params, state.params)
         pdef = jax.tree.structure(state.params)
         is_params_like = lambda x: jax.tree.structure(x) == pdef

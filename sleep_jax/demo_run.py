@@ -1,0 +1,303 @@
+"""The demo's stages for one seed: wake (base training), sleep (each method), evaluation, report.
+
+See ``sleep_jax.demo`` for the story; this module holds the work so each stage can be tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from sleep_jax.config import OptimConfig
+from sleep_jax.data import world as worldlib
+from sleep_jax.data.pipeline import make_dataset
+from sleep_jax.data.tokenizers import special_ids, word_level_tokenizer
+from sleep_jax.distill import seeding
+from sleep_jax.eval import probes
+from sleep_jax.eval.report import write_report
+from sleep_jax.grow import activate_slot, grow_model
+from sleep_jax.mesh import make_mesh
+from sleep_jax.models import ModelConfig, create_model
+from sleep_jax.train.optim import make_optimizer
+from sleep_jax.train.state import create_train_state
+from sleep_jax.train.step import make_train_step
+
+log = logging.getLogger("sleep_jax.demo")
+WORDINGS = ("near", "far")
+
+
+@dataclasses.dataclass
+class Ctx:
+    """What every stage of one seed shares."""
+
+    cfg: object  # DemoConfig
+    world: worldlib.World
+    tok: object
+    ids: dict
+    model_cfg: ModelConfig
+    mesh: jax.sharding.Mesh
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+
+# ----------------------------------------------------------------------------------- WAKE
+def base_examples(world: worldlib.World, cfg) -> list:
+    """OLD passages (LM), OLD closed-book QA in TRAIN wordings, reading comprehension, general
+    text. Held-out (near/far) wordings never appear."""
+    ex: list = list(world.passages("old", all_templates=True))
+    ex += [(worldlib.closed_book_prompt(q.question), " " + q.answer)
+           for q in world.qa("old", "train")]
+    ex += [(worldlib.open_book_prompt(r.context, r.question), " " + r.answer)
+           for r in world.rc_items(cfg.rc_items, seed=1)]
+    ex += world.general_text(cfg.general_items, seed=1)
+    return ex
+
+
+def train_base(ctx: Ctx) -> nnx.Module:
+    cfg = ctx.cfg
+    model = create_model(ctx.model_cfg, seed=cfg.seed)
+    tx = make_optimizer(OptimConfig(lr=cfg.base_lr, warmup_steps=50, weight_decay=0.0),
+                        cfg.base_steps)
+    state = create_train_state(model, tx)
+    step = make_train_step(state, ctx.mesh)
+    ds = make_dataset(base_examples(ctx.world, cfg), ctx.tok, seq_len=cfg.seq_len,
+                      batch_size=cfg.base_batch, seed=cfg.seed)
+    it = iter(ds)
+    key = jax.random.key(cfg.seed)
+    bar = tqdm(range(cfg.base_steps), desc="wake: base training", mininterval=2, leave=False)
+    losses = []
+    for i in bar:
+        state, m = step(state, next(it), jax.random.fold_in(key, i))
+        if i % 50 == 0 or i == cfg.base_steps - 1:
+            losses.append(float(m["loss"]))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    log.info("base model trained: %d steps, final loss %.3f", cfg.base_steps, losses[-1])
+    return state.model()
+
+
+# ----------------------------------------------------------------------------------- SLEEP
+def seeding_rows(ctx: Ctx, split: str, with_memory: bool) -> list[tuple[list, list]]:
+    """(memory ids, prompt ids) rows: TRAIN-wording questions and seeding continuations.
+
+    With ``with_memory`` the teacher reads the entity's passage first (seeding); without it
+    (replay) teacher and student see the same prompt. No held-out wording is used.
+    """
+    rows = []
+    for e in ctx.world.entities(split):
+        mem = ctx.prompt_ids(worldlib.passage(e)) if with_memory else []
+        for a in worldlib.ATTRIBUTES:
+            for k in range(len(worldlib.QUESTION_TEMPLATES[a]["train"])):
+                q = worldlib.question(e, a, "train", k)
+                rows.append((mem, ctx.prompt_ids(worldlib.closed_book_prompt(q))))
+        for t in worldlib.SEEDING_TEMPLATES:
+            rows.append((mem, ctx.prompt_ids(t.format(name=e.name))))
+    return rows
+
+
+def seeding_batches(ctx: Ctx, replay_fraction: float, rng: np.random.Generator):
+    """Endless SeedingBatches: NEW rows with memory, and replay rows on OLD prompts."""
+    cfg = ctx.cfg
+    new = seeding_rows(ctx, "new", True)
+    old = seeding_rows(ctx, "old", False) if replay_fraction > 0 else []
+    B = cfg.sleep_batch
+    n_old = int(round(replay_fraction * B))
+    P = max(len(m) + len(p) for m, p in new + old) + 1
+    Q = max(len(p) for _, p in new + old) + 1
+    while True:
+        pick = [new[i] for i in rng.integers(0, len(new), B - n_old)]
+        pick += [old[i] for i in rng.integers(0, len(old), n_old)] if n_old else []
+        order = rng.permutation(B)  # the lambda split then hits both kinds of row
+        pick = [pick[i] for i in order]
+        yield seeding.make_batch([m for m, _ in pick], [p for _, p in pick],
+                                 bos_id=ctx.ids["bos"], teacher_len=P, student_len=Q,
+                                 pad_id=ctx.ids["pad"])
+
+
+def sft_batches(ctx: Ctx, rng: np.random.Generator):
+    """SFT baseline: batches of NEW passages (the memories), LM loss on every token."""
+    texts = [worldlib.passage(e) for e in ctx.world.entities("new")]
+    ds = make_dataset(texts, ctx.tok, seq_len=64, batch_size=ctx.cfg.sleep_batch,
+                      seed=int(rng.integers(1 << 30)), pack=False)
+    return iter(ds)
+
+
+def grow_student(ctx: Ctx, base: nnx.Module, rng) -> tuple[nnx.Module, object, ModelConfig]:
+    """The grown self: one low-rank expert slot beside every MLP, activated (B = 0: exact)."""
+    dst = ctx.model_cfg.replace(expert_slots=1, expert_rank=ctx.cfg.expert_rank)
+    k1, k2 = jax.random.split(rng)
+    grown, _ = grow_model(base, ctx.model_cfg, dst, mesh=ctx.mesh, rng=k1)
+    grown, mask = activate_slot(grown, None, 0, k2)
+    return grown, mask, dst
+
+
+def _fresh_copy(model: nnx.Module) -> nnx.Module:
+    """A copy with its own buffers: train steps donate their state, and jit may hand back
+    input buffers unchanged, so a student must never share arrays with the frozen base."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
+    """Sleep with one method; returns the trained model, the curve and step timings."""
+    cfg = ctx.cfg
+    rng = np.random.default_rng(cfg.seed + 17)
+    key = jax.random.key(cfg.seed + 1)
+    steps = cfg.sleep_steps
+    if method in ("seed_noreplay", "sleep"):
+        student, mask, _ = grow_student(ctx, base, jax.random.fold_in(key, 99))
+        lr = cfg.expert_lr
+    else:
+        student, mask, lr = base, None, cfg.full_lr
+    tx = make_optimizer(OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.0), steps)
+    state = create_train_state(_fresh_copy(student), tx)
+    curve = [(0, evaluate_curve(state.model()))]
+    times = []
+    if method == "sft":
+        step = make_train_step(state, ctx.mesh, mask=mask)
+        data = sft_batches(ctx, rng)
+        run = lambda st, i: step(st, next(data), jax.random.fold_in(key, i))
+    else:
+        replay = 0.0 if method == "seed_noreplay" else cfg.replay_fraction
+        scfg = seeding.SeedingConfig()
+        sstep = seeding.make_seeding_step(scfg, eos_id=ctx.ids["eos"], pad_id=ctx.ids["pad"])
+        tg, ts = nnx.split(base)
+        data = seeding_batches(ctx, replay, rng)
+        jmask = None if mask is None else jax.tree.map(jnp.asarray, mask)
+        run = lambda st, i: sstep(st, tg, ts, next(data), jax.random.fold_in(key, i), jmask)
+    bar = tqdm(range(steps), desc=f"sleep: {method}", mininterval=2, leave=False)
+    for i in bar:
+        t0 = time.perf_counter()
+        state, m = run(state, i)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+        if (i + 1) % cfg.eval_every == 0 or i == steps - 1:
+            curve.append((i + 1, evaluate_curve(state.model())))
+            bar.set_postfix(loss=f"{float(m['loss']):.3f}", new_near=f"{curve[-1][1]:.2f}")
+    steady = float(np.median(times[2:])) if len(times) > 3 else float(np.mean(times))
+    return {"model": state.model(), "curve": curve, "step_s": steady,
+            "compile_s": float(times[0])}
+
+
+def sft_step_time(ctx: Ctx, base: nnx.Module, n: int = 12) -> float:
+    """Median time of an SFT step of the grown model on the sleep batch shape (the unit of the
+    seeding step cost)."""
+    grown, mask, _ = grow_student(ctx, base, jax.random.key(5))
+    state = create_train_state(_fresh_copy(grown), optax.adamw(1e-3))
+    step = make_train_step(state, ctx.mesh, mask=mask)
+    rows = next(seeding_batches(ctx, ctx.cfg.replay_fraction, np.random.default_rng(0)))
+    B, P = rows.student_prefix.shape
+    T = P + seeding.SeedingConfig().max_new_tokens
+    batch = {"inputs": np.zeros((B, T), np.int32), "targets": np.zeros((B, T), np.int32),
+             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+             "segment_ids": np.ones((B, T), np.int32), "mask": np.ones((B, T), bool),
+             "loss_mask": np.ones((B, T), bool)}
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        state, m = step(state, batch, jax.random.key(i))
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:]))
+
+
+# ----------------------------------------------------------------------------------- EVAL
+def evaluate(ctx: Ctx, model, base, *, open_book: bool = False) -> dict:
+    """Closed-book NEW/OLD and (optionally) open-book NEW per held-out wording, and KL to base."""
+    kw = dict(bos_id=ctx.ids["bos"], eos_id=ctx.ids["eos"], pad_id=ctx.ids["pad"])
+    out = {}
+    for split in ("new", "old"):
+        for w in WORDINGS:
+            items = ctx.world.qa(split, w)
+            prompts = [worldlib.closed_book_prompt(q.question) for q in items]
+            s = probes.qa_scores(model, ctx.tok, prompts, [[q.answer] for q in items], **kw)
+            out[f"closed_{split}_{w}"] = s["em"]
+    if open_book:
+        for w in WORDINGS:
+            items = ctx.world.qa("new", w)
+            prompts = [worldlib.open_book_prompt(q.passage, q.question) for q in items]
+            s = probes.qa_scores(model, ctx.tok, prompts, [[q.answer] for q in items], **kw)
+            out[f"open_new_{w}"] = s["em"]
+    general = ctx.world.general_text(200, seed=7)
+    out["kl_to_base"] = probes.kl_to_base(model, base, ctx.tok, general, bos_id=ctx.ids["bos"],
+                                          pad_id=ctx.ids["pad"])
+    return out
+
+
+def run_seed(cfg, workdir: str) -> dict:
+    """Everything for one seed; writes report.json / report.md / plots into ``workdir``."""
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.time()
+    world = worldlib.make_world(cfg.seed, cfg.n_old, cfg.n_new)
+    tok = word_level_tokenizer(world.vocabulary_corpus())
+    ids = special_ids(tok)
+    model_cfg = ModelConfig(vocab=tok.get_vocab_size(), embed=cfg.embed, mlp=cfg.mlp,
+                            layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.heads,
+                            head_dim=cfg.embed // cfg.heads, max_seq_len=256)
+    mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
+    ctx = Ctx(cfg, world, tok, ids, model_cfg, mesh)
+    log.info("seed %d: world %d OLD / %d NEW entities, vocabulary %d, model %s", cfg.seed,
+             cfg.n_old, cfg.n_new, tok.get_vocab_size(), model_cfg)
+
+    t0 = time.time()
+    base = train_base(ctx)
+    t_base = time.time() - t0
+    base_eval = evaluate(ctx, base, base, open_book=True)
+    log.info("base: %s", _fmt(base_eval))
+
+    new_near = ctx.world.qa("new", "near")
+    curve_prompts = [worldlib.closed_book_prompt(q.question) for q in new_near]
+    curve_golds = [[q.answer] for q in new_near]
+
+    def curve_eval(model):
+        return probes.qa_scores(model, tok, curve_prompts, curve_golds, bos_id=ids["bos"],
+                                eos_id=ids["eos"], pad_id=ids["pad"])["em"]
+
+    results, curves, timing = {}, {}, {}
+    for method in cfg.methods:
+        t0 = time.time()
+        r = run_method(ctx, method, base, curve_eval)
+        results[method] = evaluate(ctx, r["model"], base)
+        curves[method] = r["curve"]
+        timing[method] = {"step_s": r["step_s"], "compile_s": r["compile_s"],
+                          "wall_s": time.time() - t0}
+        log.info("%s: %s (%.0f s)", method, _fmt(results[method]), timing[method]["wall_s"])
+    sft_s = sft_step_time(ctx, base)
+    report = {
+        "seed": cfg.seed, "config": dataclasses.asdict(cfg), "model_config": model_cfg.to_dict(),
+        "seeding_config": dataclasses.asdict(seeding.SeedingConfig()),
+        "base": base_eval, "methods": results, "curves": curves, "timing": timing,
+        "sft_step_s_grown": sft_s,
+        "seeding_step_cost_x_sft": (timing["sleep"]["step_s"] / sft_s
+                                    if "sleep" in timing else None),
+        "base_train_s": t_base, "wall_s": time.time() - t_start,
+        "platform": jax.devices()[0].platform,
+    }
+    write_report(report, workdir)
+    return report
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+
+
+def summarize(reports: list[dict], workdir: str) -> str:
+    """Mean and spread over seeds of every figure; writes summary.json and summary.md."""
+    from sleep_jax.eval.report import summary_table
+
+    text, data = summary_table(reports)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(data, f, indent=2)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+        f.write(text + "\n")
+    return text

@@ -1,0 +1,176 @@
+"""Knowledge Seeding: on-policy context distillation from the small self into the grown self.
+
+Teacher = the model before growth (frozen), which sees ``memory + prompt``; student = the grown
+model, which sees only ``prompt`` (METHOD.md, Stage 1; arXiv 2606.03979). Each step:
+
+1. COLLECT. The first ``round(lam * B)`` rows' completions are sampled from the student (given
+   its prompt), the rest from the teacher (given memory + prompt): GKD's lambda-mix of on-policy
+   and teacher data (Agarwal et al. 2024), with no gradient through sampling.
+2. ALIGN. Teacher rows ``memory + prompt + completion`` and student rows ``prompt + completion``
+   are built on device and the logits predicting each completion token are gathered per row.
+3. UPDATE. loss = alpha * D(teacher || student) over completion tokens (forward KL, reverse KL
+   or generalized JSD(beta)) + (1 - alpha) * the Learning-to-Imitate RL loss when it is used
+   (``imitation.py``); only entries of the trainable mask change.
+
+Replay rows are the same computation with an empty memory: prompts about what the model
+already knows, answered by the pre-sleep model itself (self-distillation, no labels), which is
+what keeps old knowledge in place (DEMO-NOTES.md).
+
+The whole step (sampling included) is one jitted pure function of (state, batch, rng).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sleep_jax.distill import align
+from sleep_jax.distill.divergences import DIVERGENCES
+from sleep_jax.sampling import generate
+from sleep_jax.train.state import TrainState, apply_gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedingConfig:
+    """What the paper leaves open, with our defaults (reasons in the README).
+
+    divergence/beta: generalized JSD(0.5) (GKD's best setting, bounded, mode-covering and
+      mode-seeking halves); lam: fraction of student-sampled (on-policy) completions;
+    alpha: weight of GKD against the imitation RL loss; temperature: of the divergence;
+    sample_temperature: of sampling completions; max_new_tokens: completion length M.
+    """
+
+    divergence: str = "jsd"
+    beta: float = 0.5
+    lam: float = 0.5
+    alpha: float = 1.0
+    temperature: float = 1.0
+    sample_temperature: float = 1.0
+    max_new_tokens: int = 4
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence={self.divergence!r}; allowed: {sorted(DIVERGENCES)}")
+        for name in ("lam", "alpha", "beta"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"SeedingConfig.{name}={v} must be in [0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+class SeedingBatch(NamedTuple):
+    """Right-padded prefixes (host-built, fixed shapes).
+
+    teacher_prefix [B,P] / teacher_len [B]: [bos] + memory + prompt (memory empty for replay).
+    student_prefix [B,Q] / student_len [B]: [bos] + prompt.
+    """
+
+    teacher_prefix: jax.Array
+    teacher_len: jax.Array
+    student_prefix: jax.Array
+    student_len: jax.Array
+
+
+def make_batch(memories, prompts, *, bos_id: int, teacher_len: int,
+               student_len: int, pad_id: int = 0) -> SeedingBatch:
+    """Build a SeedingBatch from token-id lists (an empty memory makes a replay row)."""
+    B = len(prompts)
+    tp = np.full((B, teacher_len), pad_id, np.int32)
+    sp = np.full((B, student_len), pad_id, np.int32)
+    tl, sl = np.zeros(B, np.int32), np.zeros(B, np.int32)
+    for b, (m, p) in enumerate(zip(memories, prompts)):
+        t = [bos_id] + list(m) + list(p)
+        s = [bos_id] + list(p)
+        if len(t) > teacher_len or len(s) > student_len:
+            raise ValueError(f"row {b}: teacher prefix {len(t)} / student prefix {len(s)} tokens "
+                             f"exceed teacher_len={teacher_len} / student_len={student_len}")
+        tp[b, :len(t)], sp[b, :len(s)] = t, s
+        tl[b], sl[b] = len(t), len(s)
+    return SeedingBatch(tp, tl, sp, sl)
+
+
+def _logits(model, rows: align.Rows):
+    return model(rows.tokens, rows.positions, mask=rows.valid)[0]
+
+
+def collect(student, teacher, batch: SeedingBatch, rng, cfg: SeedingConfig, *,
+            eos_id: int | None, pad_id: int = 0) -> align.AlignedBatch:
+    """COLLECT + ALIGN: sample completions (lambda-mix) and build aligned teacher/student rows."""
+    B = batch.student_prefix.shape[0]
+    n_student = int(round(cfg.lam * B))
+    r1, r2 = jax.random.split(rng)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature,
+              eos_id=eos_id, pad_id=pad_id)
+    parts_tok, parts_mask = [], []
+    if n_student:
+        s_out = generate(student, batch.student_prefix[:n_student],
+                         batch.student_len[:n_student], r1, **kw)
+        parts_tok.append(s_out.tokens)
+        parts_mask.append(s_out.mask)
+    if n_student < B:
+        t_out = generate(teacher, batch.teacher_prefix[n_student:],
+                         batch.teacher_len[n_student:], r2, **kw)
+        parts_tok.append(t_out.tokens)
+        parts_mask.append(t_out.mask)
+    completion = jax.lax.stop_gradient(jnp.concatenate(parts_tok, 0))
+    cmask = jnp.concatenate(parts_mask, 0)
+    return align.align_sampled(batch.teacher_prefix, batch.teacher_len, batch.student_prefix,
+                               batch.student_len, completion, cmask, pad_id=pad_id)
+
+
+def gkd_loss(student, teacher_logits_btv, aligned: align.AlignedBatch, cfg: SeedingConfig):
+    """Divergence D(teacher || student) over the completion tokens as (sum, count)."""
+    student_logits = _logits(student, aligned.student)
+    return align.completion_divergence(cfg.divergence, student_logits, teacher_logits_btv,
+                                       aligned, beta=cfg.beta, temperature=cfg.temperature)
+
+
+def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rng, mask=None,
+                 *, cfg: SeedingConfig, eos_id: int | None, pad_id: int = 0):
+    """One Knowledge Seeding step (GKD part). Jit it with ``cfg``/``eos_id``/``pad_id`` static.
+
+    Args:
+      state: the student's TrainState (grown model).
+      teacher: the frozen pre-growth model (an NNX module; pass it through nnx.split/merge or
+        close over it).
+      batch: SeedingBatch of B rows.
+      rng: PRNG key for sampling.
+      mask: trainable mask (pytree like state.params) or None.
+    Returns:
+      (new state, metrics dict with the divergence, token count and completion length).
+    """
+    student = state.model()
+    aligned = collect(student, teacher, batch, rng, cfg, eos_id=eos_id, pad_id=pad_id)
+    teacher_logits = jax.lax.stop_gradient(_logits(teacher, aligned.teacher))
+
+    def loss_fn(params):
+        model = nnx.merge(state.graphdef, params, state.other)
+        s, c = gkd_loss(model, teacher_logits, aligned, cfg)
+        return cfg.alpha * s / jnp.maximum(c, 1.0), (s, c)
+
+    (loss, (s, c)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = apply_gradients(state, grads, mask)
+    metrics = {"loss": loss, "divergence": s / jnp.maximum(c, 1.0), "tokens": c,
+               "completion_len": jnp.mean(jnp.sum(aligned.completion_mask, 1))}
+    return state, metrics
+
+
+def make_seeding_step(cfg: SeedingConfig, *, eos_id: int | None, pad_id: int = 0):
+    """``step(state, teacher_state, batch, rng, mask) -> (state, metrics)``, jitted, donated.
+
+    The teacher travels as ``(graphdef, state)`` from ``nnx.split(teacher)``: pass the state,
+    close over the graphdef.
+    """
+
+    def step(state, teacher_graphdef, teacher_state, batch, rng, mask):
+        teacher = nnx.merge(teacher_graphdef, teacher_state)
+        return seeding_step(state, teacher, batch, rng, mask, cfg=cfg, eos_id=eos_id,
+                            pad_id=pad_id)
+
+    return jax.jit(step, static_argnums=(1,), donate_argnums=(0,))

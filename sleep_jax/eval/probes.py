@@ -1,0 +1,106 @@
+"""Evaluate a model on question probes (greedy answers scored by EM/F1) and KL to a base model.
+
+Closed book: the prompt is the question alone. Open book: the memory is given in context (the
+teacher's level). Shapes are padded to fixed sizes so each model compiles once per shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sleep_jax.eval import qa
+from sleep_jax.sampling import generate
+
+
+def _round_up(n: int, k: int) -> int:
+    return max(k, -(-n // k) * k)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], *, bos_id: int | None, pad_id: int,
+                   length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded prompt tokens [B,P] and lengths [B] (P rounded up to a multiple of 16)."""
+    ids = [([] if bos_id is None else [bos_id]) + tokenizer.encode(p).ids for p in prompts]
+    P = length or _round_up(max(len(x) for x in ids), 16)
+    out = np.full((len(ids), P), pad_id, np.int32)
+    for i, x in enumerate(ids):
+        if len(x) > P:
+            raise ValueError(f"prompt {i} has {len(x)} tokens > length {P}: {prompts[i]!r}")
+        out[i, :len(x)] = x
+    return out, np.array([len(x) for x in ids], np.int32)
+
+
+@jax.jit(static_argnums=(0, 4, 5, 6))
+def _greedy(graphdef, state, tokens, lengths, max_new_tokens, eos_id, pad_id):
+    model = nnx.merge(graphdef, state)
+    out = generate(model, tokens, lengths, jax.random.key(0), max_new_tokens=max_new_tokens,
+                   temperature=0.0, eos_id=eos_id, pad_id=pad_id)
+    return out.tokens, out.mask
+
+
+def answer(model, tokenizer, prompts: Sequence[str], *, bos_id: int | None, eos_id: int,
+           pad_id: int = 0, batch_size: int = 256, max_new_tokens: int = 3) -> list[str]:
+    """Greedy answers (decoded, EOS dropped) to ``prompts``, in order."""
+    graphdef, state = nnx.split(model)
+    tokens, lengths = encode_prompts(tokenizer, prompts, bos_id=bos_id, pad_id=pad_id)
+    n = len(prompts)
+    B = min(batch_size, _round_up(n, 8))
+    answers = []
+    for i in range(0, n, B):
+        t, ln = tokens[i:i + B], lengths[i:i + B]
+        if len(t) < B:  # pad the last batch so the shape (and the compiled program) is shared
+            t = np.concatenate([t, np.repeat(t[:1], B - len(t), 0)])
+            ln = np.concatenate([ln, np.repeat(ln[:1], B - len(ln), 0)])
+        out, mask = _greedy(graphdef, state, jnp.asarray(t), jnp.asarray(ln), max_new_tokens,
+                            eos_id, pad_id)
+        out, mask = np.asarray(out), np.asarray(mask)
+        for row, m in zip(out, mask):
+            ids = [int(x) for x, k in zip(row, m) if k and x != eos_id]
+            answers.append(tokenizer.decode(ids))
+    return answers[:n]
+
+
+def qa_scores(model, tokenizer, prompts: Sequence[str], golds: Sequence[Sequence[str]],
+              **kw) -> dict:
+    """{"em", "f1", "n", "predictions"} of greedy answers against gold answer lists."""
+    preds = answer(model, tokenizer, prompts, **kw)
+    out = qa.score(preds, golds)
+    out["predictions"] = preds
+    return out
+
+
+@jax.jit(static_argnums=(0, 2))
+def _kl_sum(base_graphdef, base_state, graphdef, state, tokens, positions, mask):
+    base = nnx.merge(base_graphdef, base_state)
+    model = nnx.merge(graphdef, state)
+    lp = jax.nn.log_softmax(base(tokens, positions, mask=mask)[0], -1)
+    lq = jax.nn.log_softmax(model(tokens, positions, mask=mask)[0], -1)
+    kl = jnp.sum(jnp.exp(lp) * (lp - lq), -1)
+    m = mask.astype(jnp.float32)
+    return jnp.sum(kl * m), jnp.sum(m)
+
+
+def kl_to_base(model, base, tokenizer, texts: Sequence[str], *, bos_id: int | None,
+               pad_id: int = 0, batch_size: int = 128) -> float:
+    """Mean per-token KL(base || model) of next-token distributions on ``texts``."""
+    bg, bs = nnx.split(base)
+    g, s = nnx.split(model)
+    tokens, lengths = encode_prompts(tokenizer, texts, bos_id=bos_id, pad_id=pad_id)
+    n, T = tokens.shape
+    total, count = 0.0, 0.0
+    for i in range(0, n, batch_size):
+        t = tokens[i:i + batch_size]
+        ln = lengths[i:i + batch_size]
+        if len(t) < batch_size:
+            pad = batch_size - len(t)
+            t = np.concatenate([t, np.zeros((pad, T), np.int32)])
+            ln = np.concatenate([ln, np.zeros(pad, np.int32)])
+        mask = np.arange(T)[None] < ln[:, None]
+        pos = np.broadcast_to(np.arange(T, dtype=np.int32), t.shape)
+        a, c = _kl_sum(bg, bs, g, s, jnp.asarray(t), jnp.asarray(pos), jnp.asarray(mask))
+        total, count = total + float(a), count + float(c)
+    return total / max(count, 1.0)
