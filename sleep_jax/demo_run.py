@@ -28,8 +28,9 @@ from sleep_jax.eval.report import write_report
 from sleep_jax.grow import activate_slot, grow_model
 from sleep_jax.mesh import make_mesh
 from sleep_jax.models import ModelConfig, create_model
+from sleep_jax.models.checkpoint_dir import save_checkpoint
 from sleep_jax.train.optim import make_optimizer
-from sleep_jax.train.state import create_train_state
+from sleep_jax.train.state import create_train_state, fresh_copy
 from sleep_jax.train.step import make_train_step
 
 log = logging.getLogger("sleep_jax.demo")
@@ -141,13 +142,6 @@ def grow_student(ctx: Ctx, base: nnx.Module, rng) -> tuple[nnx.Module, object, M
     return grown, mask, dst
 
 
-def _fresh_copy(model: nnx.Module) -> nnx.Module:
-    """A copy with its own buffers: train steps donate their state, and jit may hand back
-    input buffers unchanged, so a student must never share arrays with the frozen base."""
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-
-
 def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
     """Sleep with one method; returns the trained model, the curve and step timings."""
     cfg = ctx.cfg
@@ -160,7 +154,7 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
     else:
         student, mask, lr = base, None, cfg.full_lr
     tx = make_optimizer(OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.0), steps)
-    state = create_train_state(_fresh_copy(student), tx)
+    state = create_train_state(fresh_copy(student), tx)
     curve = [(0, evaluate_curve(state.model()))]
     times = []
     if method == "sft":
@@ -170,7 +164,8 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
     else:
         replay = 0.0 if method == "seed_noreplay" else cfg.replay_fraction
         scfg = seeding.SeedingConfig()
-        sstep = seeding.make_seeding_step(scfg, eos_id=ctx.ids["eos"], pad_id=ctx.ids["pad"])
+        sstep = seeding.make_seeding_step(scfg, state, ctx.mesh, eos_id=ctx.ids["eos"],
+                                          pad_id=ctx.ids["pad"])
         tg, ts = nnx.split(base)
         data = seeding_batches(ctx, replay, rng)
         jmask = None if mask is None else jax.tree.map(jnp.asarray, mask)
@@ -193,7 +188,7 @@ def sft_step_time(ctx: Ctx, base: nnx.Module, n: int = 12) -> float:
     """Median time of an SFT step of the grown model on the sleep batch shape (the unit of the
     seeding step cost)."""
     grown, mask, _ = grow_student(ctx, base, jax.random.key(5))
-    state = create_train_state(_fresh_copy(grown), optax.adamw(1e-3))
+    state = create_train_state(fresh_copy(grown), optax.adamw(1e-3))
     step = make_train_step(state, ctx.mesh, mask=mask)
     rows = next(seeding_batches(ctx, ctx.cfg.replay_fraction, np.random.default_rng(0)))
     B, P = rows.student_prefix.shape
@@ -252,6 +247,13 @@ def run_seed(cfg, workdir: str) -> dict:
     t0 = time.time()
     base = train_base(ctx)
     t_base = time.time() - t0
+    # the base model in the checkpoint format, and NEW memories/probes as JSONL, so that
+    # `sleep-jax sleep --checkpoint <workdir>/base --memories ... --probes ...` can be tried
+    save_checkpoint(os.path.join(workdir, "base"), base, tok,
+                    tokens={"bos_id": ids["bos"], "eos_id": ids["eos"], "pad_id": ids["pad"],
+                            "unk_id": ids["unk"], "add_bos": True, "chat_template": None},
+                    extra={"source": "sleep-jax demo", "seed": cfg.seed})
+    world.export_jsonl(os.path.join(workdir, "data"), "new", WORDINGS)
     base_eval = evaluate(ctx, base, base, open_book=True)
     log.info("base: %s", _fmt(base_eval))
 

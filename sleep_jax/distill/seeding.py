@@ -161,16 +161,63 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
     return state, metrics
 
 
-def make_seeding_step(cfg: SeedingConfig, *, eos_id: int | None, pad_id: int = 0):
-    """``step(state, teacher_state, batch, rng, mask) -> (state, metrics)``, jitted, donated.
+def make_seeding_step(cfg: SeedingConfig, state: TrainState, mesh, *, eos_id: int | None,
+                      pad_id: int = 0, rules=None):
+    """``step(state, teacher_graphdef, teacher_state, batch, rng, mask) -> (state, metrics)``.
 
-    The teacher travels as ``(graphdef, state)`` from ``nnx.split(teacher)``: pass the state,
-    close over the graphdef.
+    Jitted with the student state's shardings on ``mesh`` for input and output (so the second
+    step does not recompile) and the state donated. The teacher travels as
+    ``nnx.split(teacher)``: its graphdef is static, its state an argument.
     """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sleep_jax.train.state import train_state_shardings
+
+    state_sh = train_state_shardings(state, mesh, rules)
+    repl = NamedSharding(mesh, PartitionSpec())
 
     def step(state, teacher_graphdef, teacher_state, batch, rng, mask):
         teacher = nnx.merge(teacher_graphdef, teacher_state)
         return seeding_step(state, teacher, batch, rng, mask, cfg=cfg, eos_id=eos_id,
                             pad_id=pad_id)
 
-    return jax.jit(step, static_argnums=(1,), donate_argnums=(0,))
+    jitted = jax.jit(step, static_argnums=(1,), donate_argnums=(0,),
+                     out_shardings=(state_sh, repl))
+
+    def run(state, teacher_graphdef, teacher_state, batch, rng, mask):
+        state = jax.device_put(state, state_sh)  # a no-op once the state lives there
+        with jax.set_mesh(mesh):
+            return jitted(state, teacher_graphdef, teacher_state, batch, rng, mask)
+
+    run.jitted = jitted
+    return run
+
+
+def run_seeding(state: TrainState, teacher: nnx.Module, batches, steps: int, *, mesh,
+                cfg: SeedingConfig, eos_id: int | None, pad_id: int = 0, mask=None, rng=None,
+                every: int = 0, callback=None, desc: str = "sleep: seeding"):
+    """Run ``steps`` seeding steps on ``batches`` (an iterator of SeedingBatch).
+
+    ``callback(step, state)`` runs every ``every`` steps (e.g. an evaluation). Returns
+    (state, step_times) where step_times are wall seconds per step (the first includes compile).
+    """
+    import time
+
+    from tqdm import tqdm
+
+    step_fn = make_seeding_step(cfg, state, mesh, eos_id=eos_id, pad_id=pad_id)
+    tg, ts = nnx.split(teacher)
+    rng = jax.random.key(0) if rng is None else rng
+    jmask = None if mask is None else jax.tree.map(jnp.asarray, mask)
+    times = []
+    bar = tqdm(range(steps), desc=desc, mininterval=2, leave=False)
+    for i in bar:
+        t0 = time.perf_counter()
+        state, m = step_fn(state, tg, ts, next(batches), jax.random.fold_in(rng, i), jmask)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+        if callback is not None and every and ((i + 1) % every == 0 or i == steps - 1):
+            callback(i + 1, state)
+        if i % 10 == 0:
+            bar.set_postfix(divergence=f"{float(m['divergence']):.4f}")
+    return state, times

@@ -118,3 +118,13 @@ def create_sharded_train_state(model_factory, tx: optax.GradientTransformation,
     sh = train_state_shardings(abstract, mesh, rules)
     with jax.set_mesh(mesh):
         return jax.jit(lambda: create_train_state(model_factory(), tx), out_shardings=sh)()
+
+
+def fresh_copy(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` with its own buffers.
+
+    Train steps donate their state, and jit may hand back input buffers unchanged, so a model
+    that will be trained must never share arrays with one that must survive (a frozen teacher).
+    """
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))

@@ -1,0 +1,141 @@
+"""Knowledge Seeding: exactness right after growth, masked updates, prompt hygiene, CLI errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from sleep_jax.distill import align, seeding
+from sleep_jax.distill.cli import drop_probe_overlap, memory_prompts
+from sleep_jax.distill.cli import main as sleep_main
+from sleep_jax.grow import activate_slot, grow_model
+from sleep_jax.mesh import make_mesh
+from sleep_jax.models import create_model, get_preset
+from sleep_jax.train.state import create_train_state, fresh_copy
+
+CFG = get_preset("tiny", vocab=64, embed=32, mlp=64, layers=2, heads=4, kv_heads=2,
+                 head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def grown():
+    """(base, grown student with one active expert slot, trainable mask)."""
+    base = create_model(CFG, seed=0)
+    # sharper than the 0.02-std init, so that context changes the distributions visibly
+    graphdef, state = nnx.split(base)
+    base = nnx.merge(graphdef, jax.tree.map(lambda x: x * 6.0, state))
+    mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
+    dst = CFG.replace(expert_slots=1, expert_rank=4)
+    student, _ = grow_model(base, CFG, dst, mesh=mesh, rng=jax.random.key(1))
+    student, mask = activate_slot(student, None, 0, jax.random.key(2))
+    return base, student, mask
+
+
+def _rows(rng, n, lo, hi):
+    return [list(rng.integers(4, CFG.vocab, int(rng.integers(lo, hi)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name, beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.1),
+                                        ("jsd", 0.5), ("jsd", 0.9)])
+def test_divergence_zero_after_growth_only_with_memory(grown, name, beta):
+    base, student, _ = grown
+    rng = np.random.default_rng(0)
+    mem, prompts, comps = _rows(rng, 4, 3, 9), _rows(rng, 4, 2, 6), _rows(rng, 4, 1, 5)
+    # student also reads the memory: the grown model is an exact copy, so D = 0
+    same = align.build_aligned_batch(mem, prompts, comps, bos_id=1, student_prefixes=[
+        [1] + m + p for m, p in zip(mem, prompts)])
+    # student without the memory (the seeding setting): D > 0
+    priv = align.build_aligned_batch(mem, prompts, comps, bos_id=1)
+
+    def div(b):
+        t = base(jnp.asarray(b.teacher.tokens), jnp.asarray(b.teacher.positions),
+                 mask=jnp.asarray(b.teacher.valid))[0]
+        s = student(jnp.asarray(b.student.tokens), jnp.asarray(b.student.positions),
+                    mask=jnp.asarray(b.student.valid))[0]
+        total, count = align.completion_divergence(name, s, t, b, beta=beta)
+        return float(total / count)
+
+    assert abs(div(same)) < 1e-5
+    assert div(priv) > 1e-3
+
+
+def test_seeding_step_moves_only_new_parameters(grown):
+    base, student, mask = grown
+    state = create_train_state(fresh_copy(student), optax.adamw(1e-2, weight_decay=0.1))
+    before = jax.tree.map(np.asarray, state.params)
+    rng = np.random.default_rng(1)
+    batch = seeding.make_batch(_rows(rng, 8, 3, 9), _rows(rng, 8, 2, 6), bos_id=1,
+                               teacher_len=16, student_len=8)
+    mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
+    step = seeding.make_seeding_step(seeding.SeedingConfig(max_new_tokens=3), state, mesh,
+                                     eos_id=2)
+    tg, ts = nnx.split(base)
+    jmask = jax.tree.map(jnp.asarray, mask)
+    for i in range(3):
+        state, m = step(state, tg, ts, batch, jax.random.key(i), jmask)
+    assert step.jitted._cache_size() == 1  # no recompilation across steps
+    assert float(m["tokens"]) > 0
+    after = jax.tree.map(np.asarray, state.params)
+    flat_b = dict(jax.tree_util.tree_leaves_with_path(before))
+    for path, new in jax.tree_util.tree_leaves_with_path(after):
+        old = flat_b[path]
+        key = jax.tree_util.keystr(path)
+        if "expert_a" in key or "expert_b" in key:
+            assert not np.array_equal(old, new), f"{key} should train"
+        else:
+            assert np.array_equal(old, new), f"{key} changed but is frozen"
+
+
+def test_seeding_prompts_are_disjoint_from_evaluation():
+    from sleep_jax.data import world as worldlib
+    from sleep_jax.data.tokenizers import special_ids, word_level_tokenizer
+    from sleep_jax.demo import DemoConfig
+    from sleep_jax.demo_run import Ctx, seeding_rows
+
+    w = worldlib.make_world(3, n_old=20, n_new=5)
+    tok = word_level_tokenizer(w.vocabulary_corpus())
+    ctx = Ctx(DemoConfig(), w, tok, special_ids(tok), CFG, None)
+    prompts = {tok.decode(p) for split, mem in (("new", True), ("old", False))
+               for _, p in seeding_rows(ctx, split, mem)}
+    evaluation = {q.question for split in ("new", "old") for wd in ("near", "far")
+                  for q in w.qa(split, wd)}
+    assert prompts and evaluation
+    assert not any(q in p for q in evaluation for p in prompts)
+    # the negative control of this check: a TRAIN question does appear among the prompts
+    assert any(w.qa("new", "train")[0].question in p for p in prompts)
+
+
+def test_memory_prompts_and_probe_overlap():
+    assert memory_prompts("ab cd ef. gh ij kl mn!") == ["ab cd", "gh ij", "gh ij kl"]
+    keep, dropped = drop_probe_overlap(["where does x live", "x was"], ["Where does X live"])
+    assert keep == ["x was"] and dropped == 1
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_sleep_cli_bad_input_names_the_problem(tmp_path, capsys):
+    mem = _write(tmp_path / "m.jsonl", [{"id": "a", "text": "x lives in oslo."}])
+    probes = _write(tmp_path / "p.jsonl", [{"memory_id": "zz", "question": "where?",
+                                            "answers": ["oslo"]}])
+    args = ["--checkpoint", str(tmp_path / "nope"), "--memories", mem, "--probes", probes,
+            "--workdir", str(tmp_path / "w")]
+    assert sleep_main(args) == 2
+    assert "'zz'" in capsys.readouterr().err  # the unknown memory id is named
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "text": "ok"}\n{"id": "b"\n')
+    args[args.index(mem)] = str(bad)
+    assert sleep_main(args) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err
+    good_probes = _write(tmp_path / "p2.jsonl", [{"memory_id": "a", "question": "where?",
+                                                  "answers": ["oslo"]}])
+    assert sleep_main(["--checkpoint", str(tmp_path / "nope"), "--memories", mem, "--probes",
+                       good_probes, "--workdir", str(tmp_path / "w")]) == 2
+    assert "nope" in capsys.readouterr().err
