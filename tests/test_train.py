@@ -231,7 +231,8 @@ def test_cli_runs_out_of_the_box_and_resumes(tmp_path, capsys):
             "--config.train.progress_bar=false", "--config.data.builtin_sentences=200"]
     assert main(argv) == 0
     assert "trained to step 4" in capsys.readouterr().out
-    assert sorted(os.listdir(w))[:3] == ["config.json", "metrics.jsonl", "tb"]
+    assert {"config.json", "metrics.jsonl", "tb", "train", "model"} <= set(os.listdir(w))
+    assert os.path.exists(os.path.join(w, "model", "config.json"))  # exported on completion
     assert main(argv[:-1] + ["--config.data.builtin_sentences=200"]) == 0
     assert [r["step"] for r in read_metrics(os.path.join(w, "metrics.jsonl"))] == [1, 2, 3, 4]
     with open(os.path.join(w, "config.json")) as f:

@@ -7,7 +7,7 @@ Data: ``builtin`` (generated sentences, so the command runs with defaults), ``js
 ``{"text": ...}`` per line) or ``tfds`` (an array_record dataset: ``data.path`` is the prepared
 dataset's directory, or ``data.tfds_name`` a name under the data_dir ``data.path``). The run
 folder gets config.json, tokenizer.json, metrics.jsonl, tb/, train/ (checkpoints) and, at the
-end, model/ (the checkpoint directory format, when sleep_jax.models.checkpoint_dir exists).
+end, model/ (the checkpoint directory format of sleep_jax.models.checkpoint_dir).
 """
 
 from __future__ import annotations
@@ -191,11 +191,8 @@ def run(argv: list[str]) -> int:
 
 
 def _export(workdir: str, state, tok) -> None:
-    try:
-        from sleep_jax.models.checkpoint_dir import save_checkpoint
-    except ImportError:
-        log.info("sleep_jax.models.checkpoint_dir not available: model/ not written")
-        return
+    from sleep_jax.models.checkpoint_dir import save_checkpoint
+
     save_checkpoint(os.path.join(workdir, "model"), state.model(), tok)
 
 
