@@ -106,7 +106,9 @@ def generate(model, prompt_tokens, prompt_lengths, rng, *, max_new_tokens: int,
     return SampleOutput(toks, jnp.where(mask, lps, 0.0), mask, jnp.sum(mask, 1))
 
 
-def _join(prompt_tokens, prompt_lengths, completion_tokens, completion_mask, pad_id=0):
+def join(prompt_tokens, prompt_lengths, completion_tokens, completion_mask, pad_id=0):
+    """One row per prompt + its completion: (tokens [B,P+M], positions, valid, completion
+    index [B,M]); row b's completion starts right after its own prompt."""
     B, P = prompt_tokens.shape
     M = completion_tokens.shape[1]
     lengths = prompt_lengths.astype(jnp.int32)
@@ -125,7 +127,7 @@ def _join(prompt_tokens, prompt_lengths, completion_tokens, completion_mask, pad
 def completion_logits(model, prompt_tokens, prompt_lengths, completion_tokens, completion_mask):
     """Logits [B,M,V] predicting each completion token (row b's completion follows its own
     prompt)."""
-    toks, pos, valid, cpos = _join(prompt_tokens, prompt_lengths, completion_tokens,
+    toks, pos, valid, cpos = join(prompt_tokens, prompt_lengths, completion_tokens,
                                    completion_mask)
     logits = model(toks, pos, mask=valid)[0]
     return jnp.take_along_axis(logits, (cpos - 1)[..., None], axis=1)
