@@ -139,3 +139,56 @@ def test_sleep_cli_bad_input_names_the_problem(tmp_path, capsys):
     assert sleep_main(["--checkpoint", str(tmp_path / "nope"), "--memories", mem, "--probes",
                        good_probes, "--workdir", str(tmp_path / "w")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_imitation_rollout_cuts_the_teacher_text(grown):
+    """Student prompt = prompt + y[:c] and target = y[c:], with y the teacher's own text."""
+    from sleep_jax.distill.imitation import imitation_rollout
+    from sleep_jax.sampling import generate
+
+    base, student, _ = grown
+    rng = np.random.default_rng(2)
+    b = seeding.make_batch(_rows(rng, 6, 3, 9), _rows(rng, 6, 2, 6), bos_id=1, teacher_len=16,
+                           student_len=8)
+    scfg = seeding.SeedingConfig(max_new_tokens=3, imitation_group=2, imitation_text_tokens=5)
+    key = jax.random.key(7)
+    roll, target, tmask = imitation_rollout(
+        student, base, b.teacher_prefix, b.teacher_len, b.student_prefix, b.student_len, key,
+        rl_cfg=scfg.rl_config(), text_tokens=5, eos_id=None)
+    y = generate(base, b.teacher_prefix, b.teacher_len, jax.random.split(key, 3)[0],
+                 max_new_tokens=5, eos_id=None)
+    cuts = []
+    for row in range(12):
+        r = row // 2
+        sl, pl = int(b.student_len[r]), int(roll.prompt_len[row])
+        np.testing.assert_array_equal(roll.prompt[row, :sl], b.student_prefix[r, :sl])
+        rebuilt = list(roll.prompt[row, sl:pl]) + list(np.asarray(target[row])[tmask[row]])
+        np.testing.assert_array_equal(rebuilt, np.asarray(y.tokens[r]))
+        cuts.append(pl - sl)
+    assert all(0 <= c <= 4 for c in cuts) and len(set(cuts)) > 1  # random cut, >= 1 left
+
+
+def test_seeding_with_imitation_runs_and_moves_only_new_parameters(grown):
+    base, student, mask = grown
+    state = create_train_state(fresh_copy(student), optax.adam(1e-2))
+    before = jax.tree.map(np.asarray, state.params)
+    rng = np.random.default_rng(3)
+    rows = (_rows(rng, 4, 3, 9), _rows(rng, 4, 2, 6))
+    batches = iter(lambda: seeding.make_batch(*rows, bos_id=1, teacher_len=16, student_len=8),
+                   None)
+    scfg = seeding.SeedingConfig(max_new_tokens=3, alpha=0.5, gamma=0.0, z0=1.0,
+                                 imitation_group=2, imitation_text_tokens=4)
+    with pytest.raises(ValueError, match="decode="):
+        seeding.run_seeding(state, base, batches, 1, mesh=make_mesh(
+            "fsdp=1", devices=jax.devices()[:1]), cfg=scfg, eos_id=None, mask=mask)
+    decode = lambda ids: " ".join(f"w{i}" for i in ids)
+    state, times = seeding.run_seeding(
+        state, base, batches, 2, mesh=make_mesh("fsdp=1", devices=jax.devices()[:1]), cfg=scfg,
+        eos_id=None, mask=mask, decode=decode)
+    after = jax.tree.map(np.asarray, state.params)
+    moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
+    flat_m = jax.tree.leaves(jax.tree.map(lambda m: bool(np.any(np.asarray(m))), mask))
+    assert jax.tree.leaves(moved) and any(jax.tree.leaves(moved))
+    for mv, trainable in zip(jax.tree.leaves(moved), flat_m):
+        assert trainable or not mv
+    assert len(times) == 2

@@ -43,6 +43,9 @@ class SeedingConfig:
       mode-seeking halves); lam: fraction of student-sampled (on-policy) completions;
     alpha: weight of GKD against the imitation RL loss; temperature: of the divergence;
     sample_temperature: of sampling completions; max_new_tokens: completion length M.
+    Learning to Imitate (used when alpha < 1): gamma weighs the judge's r_sem against r_lev,
+    z0 is r_lev's cut-off, imitation_group G student completions per teacher text,
+    imitation_text_tokens the teacher text's length, imitation_advantage the estimator.
     """
 
     divergence: str = "jsd"
@@ -52,11 +55,25 @@ class SeedingConfig:
     temperature: float = 1.0
     sample_temperature: float = 1.0
     max_new_tokens: int = 4
+    gamma: float = 0.0
+    z0: float = 0.5
+    imitation_group: int = 4
+    imitation_text_tokens: int = 8
+    imitation_advantage: str = "grpo"
+
+    def rl_config(self):
+        """The RLConfig of the imitation part (GRPO-style update inside the seeding step)."""
+        from sleep_jax.rl.config import RLConfig
+
+        return RLConfig(algorithm="grpo", group_size=self.imitation_group,
+                        max_new_tokens=self.max_new_tokens,
+                        temperature=self.sample_temperature,
+                        advantage=self.imitation_advantage)
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence={self.divergence!r}; allowed: {sorted(DIVERGENCES)}")
-        for name in ("lam", "alpha", "beta"):
+        for name in ("lam", "alpha", "beta", "gamma", "z0"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"SeedingConfig.{name}={v} must be in [0, 1]")
@@ -132,8 +149,12 @@ def gkd_loss(student, teacher_logits_btv, aligned: align.AlignedBatch, cfg: Seed
 
 
 def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rng, mask=None,
-                 *, cfg: SeedingConfig, eos_id: int | None, pad_id: int = 0):
-    """One Knowledge Seeding step (GKD part). Jit it with ``cfg``/``eos_id``/``pad_id`` static.
+                 imitation=None, *, cfg: SeedingConfig, eos_id: int | None, pad_id: int = 0):
+    """One Knowledge Seeding step. Jit it with ``cfg``/``eos_id``/``pad_id`` static.
+
+    loss = alpha * mean divergence over completion tokens
+           + (1 - alpha) * the clipped-surrogate imitation loss on ``imitation``
+    (an ``rl.Rollout`` with advantages from ``imitation.py``; None: GKD only).
 
     Args:
       state: the student's TrainState (grown model).
@@ -142,8 +163,10 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
       batch: SeedingBatch of B rows.
       rng: PRNG key for sampling.
       mask: trainable mask (pytree like state.params) or None.
+      imitation: the Learning-to-Imitate rollout (rewards and advantages attached) or None.
     Returns:
-      (new state, metrics dict with the divergence, token count and completion length).
+      (new state, metrics dict with the divergence, token count, completion length and, with
+      imitation, its policy loss and mean reward).
     """
     student = state.model()
     aligned = collect(student, teacher, batch, rng, cfg, eos_id=eos_id, pad_id=pad_id)
@@ -152,18 +175,31 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
     def loss_fn(params):
         model = nnx.merge(state.graphdef, params, state.other)
         s, c = gkd_loss(model, teacher_logits, aligned, cfg)
-        return cfg.alpha * s / jnp.maximum(c, 1.0), (s, c)
+        loss = cfg.alpha * s / jnp.maximum(c, 1.0)
+        pg = jnp.zeros(())
+        if imitation is not None:
+            from sleep_jax.rl.update import grpo_loss, loss_norms
 
-    (loss, (s, c)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            rl = cfg.rl_config()
+            pg, _ = grpo_loss(params, imitation, graphdef=state.graphdef, other=state.other,
+                              cfg=rl, norms=loss_norms(imitation, rl))
+            loss = loss + (1.0 - cfg.alpha) * pg
+        return loss, (s, c, pg)
+
+    (loss, (s, c, pg)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = apply_gradients(state, grads, mask)
     metrics = {"loss": loss, "divergence": s / jnp.maximum(c, 1.0), "tokens": c,
                "completion_len": jnp.mean(jnp.sum(aligned.completion_mask, 1))}
+    if imitation is not None:
+        metrics["imitation_loss"] = pg
+        metrics["imitation_reward"] = jnp.mean(imitation.rewards)
     return state, metrics
 
 
 def make_seeding_step(cfg: SeedingConfig, state: TrainState, mesh, *, eos_id: int | None,
                       pad_id: int = 0, rules=None):
-    """``step(state, teacher_graphdef, teacher_state, batch, rng, mask) -> (state, metrics)``.
+    """``step(state, teacher_graphdef, teacher_state, batch, rng, mask, imitation=None)
+    -> (state, metrics)``.
 
     Jitted with the student state's shardings on ``mesh`` for input and output (so the second
     step does not recompile) and the state donated. The teacher travels as
@@ -176,18 +212,18 @@ def make_seeding_step(cfg: SeedingConfig, state: TrainState, mesh, *, eos_id: in
     state_sh = train_state_shardings(state, mesh, rules)
     repl = NamedSharding(mesh, PartitionSpec())
 
-    def step(state, teacher_graphdef, teacher_state, batch, rng, mask):
+    def step(state, teacher_graphdef, teacher_state, batch, rng, mask, imitation):
         teacher = nnx.merge(teacher_graphdef, teacher_state)
-        return seeding_step(state, teacher, batch, rng, mask, cfg=cfg, eos_id=eos_id,
-                            pad_id=pad_id)
+        return seeding_step(state, teacher, batch, rng, mask, imitation, cfg=cfg,
+                            eos_id=eos_id, pad_id=pad_id)
 
     jitted = jax.jit(step, static_argnums=(1,), donate_argnums=(0,),
                      out_shardings=(state_sh, repl))
 
-    def run(state, teacher_graphdef, teacher_state, batch, rng, mask):
+    def run(state, teacher_graphdef, teacher_state, batch, rng, mask, imitation=None):
         state = jax.device_put(state, state_sh)  # a no-op once the state lives there
         with jax.set_mesh(mesh):
-            return jitted(state, teacher_graphdef, teacher_state, batch, rng, mask)
+            return jitted(state, teacher_graphdef, teacher_state, batch, rng, mask, imitation)
 
     run.jitted = jitted
     return run
@@ -195,10 +231,13 @@ def make_seeding_step(cfg: SeedingConfig, state: TrainState, mesh, *, eos_id: in
 
 def run_seeding(state: TrainState, teacher: nnx.Module, batches, steps: int, *, mesh,
                 cfg: SeedingConfig, eos_id: int | None, pad_id: int = 0, mask=None, rng=None,
-                every: int = 0, callback=None, desc: str = "sleep: seeding"):
+                every: int = 0, callback=None, desc: str = "sleep: seeding",
+                decode=None, judge=None):
     """Run ``steps`` seeding steps on ``batches`` (an iterator of SeedingBatch).
 
-    ``callback(step, state)`` runs every ``every`` steps (e.g. an evaluation). Returns
+    ``callback(step, state)`` runs every ``every`` steps (e.g. an evaluation). With
+    cfg.alpha < 1 each step first collects a Learning-to-Imitate rollout (``imitation.py``),
+    which needs ``decode(ids) -> str`` and, when cfg.gamma > 0, a ``judge``. Returns
     (state, step_times) where step_times are wall seconds per step (the first includes compile).
     """
     import time
@@ -209,11 +248,24 @@ def run_seeding(state: TrainState, teacher: nnx.Module, batches, steps: int, *, 
     tg, ts = nnx.split(teacher)
     rng = jax.random.key(0) if rng is None else rng
     jmask = None if mask is None else jax.tree.map(jnp.asarray, mask)
+    collect_imitation = None
+    if cfg.alpha < 1.0:
+        from sleep_jax.distill.imitation import make_imitation
+
+        if decode is None:
+            raise ValueError(f"alpha={cfg.alpha} < 1 uses Learning to Imitate, whose reward "
+                             "reads text: pass decode=")
+        collect_imitation = make_imitation(cfg, decode=decode, judge=judge, eos_id=eos_id,
+                                           pad_id=pad_id)
     times = []
     bar = tqdm(range(steps), desc=desc, mininterval=2, leave=False)
     for i in bar:
         t0 = time.perf_counter()
-        state, m = step_fn(state, tg, ts, next(batches), jax.random.fold_in(rng, i), jmask)
+        batch, key = next(batches), jax.random.fold_in(rng, i)
+        imit = None
+        if collect_imitation is not None:
+            imit = collect_imitation(state, tg, ts, batch, jax.random.fold_in(key, 1))
+        state, m = step_fn(state, tg, ts, batch, key, jmask, imit)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
         if callback is not None and every and ((i + 1) % every == 0 or i == steps - 1):

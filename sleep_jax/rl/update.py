@@ -30,7 +30,8 @@ from sleep_jax.train.state import TrainState, apply_gradients, train_state_shard
 _AUX = ("pg", "kl", "entropy", "clip", "value")
 
 
-def _norms(mb: Rollout, cfg: RLConfig) -> dict:
+def loss_norms(mb: Rollout, cfg: RLConfig) -> dict:
+    """Counts that normalise the loss sums of a mini-batch: tokens, and the policy term's."""
     m = mb.mask.astype(jnp.float32)
     tok = jnp.maximum(jnp.sum(m), 1.0)
     seq = jnp.maximum(jnp.sum(jnp.any(mb.mask, 1).astype(jnp.float32)), 1.0)
@@ -73,7 +74,7 @@ def _split_micro(x, k: int):
 
 
 def _minibatch_step(state: TrainState, mb: Rollout, mask, cfg: RLConfig):
-    norms = _norms(mb, cfg)
+    norms = loss_norms(mb, cfg)
     grad_fn = jax.value_and_grad(grpo_loss, has_aux=True)
     kw = dict(graphdef=state.graphdef, other=state.other, cfg=cfg, norms=norms)
     k = cfg.micro_batches
