@@ -34,18 +34,20 @@ class DemoConfig:
     seed: int = 0
     n_old: int = 200
     n_new: int = 40
-    # tiny base model (about 0.8M parameters)
+    # tiny base model (about 0.45M parameters; 2 layers: twice the wake steps of 4 in the same time)
     embed: int = 128
-    layers: int = 4
+    layers: int = 2
     heads: int = 4
     mlp: int = 384
     # wake (base training)
-    base_steps: int = 1000
-    base_batch: int = 24  # packed rows of seq_len tokens (about 96 examples)
-    seq_len: int = 128
+    base_steps: int = 1400  # the reading-comprehension skill appears only after ~600-800
+    base_batch: int = 32  # packed rows of seq_len tokens
+    seq_len: int = 64
+    qa_repeat: int = 2  # OLD closed-book QA repeated so it is not swamped by reading comp.
     base_lr: float = 3e-3
-    rc_items: int = 4000
-    general_items: int = 400
+    base_warmup: int = 50
+    rc_items: int = 3000
+    general_items: int = 100
     # sleep
     sleep_steps: int = 300
     sleep_batch: int = 32

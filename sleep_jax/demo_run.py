@@ -54,11 +54,15 @@ class Ctx:
 
 # ----------------------------------------------------------------------------------- WAKE
 def base_examples(world: worldlib.World, cfg) -> list:
-    """OLD passages (LM), OLD closed-book QA in TRAIN wordings, reading comprehension, general
-    text. Held-out (near/far) wordings never appear."""
+    """Base-training examples; held-out (near/far) wordings never appear.
+
+    OLD passages in all templates and general text (LM loss on every token); OLD closed-book
+    questions in TRAIN wordings, repeated ``cfg.qa_repeat`` times (loss on the answer); reading
+    comprehension on fresh entities (context + question -> answer).
+    """
     ex: list = list(world.passages("old", all_templates=True))
     ex += [(worldlib.closed_book_prompt(q.question), " " + q.answer)
-           for q in world.qa("old", "train")]
+           for q in world.qa("old", "train")] * cfg.qa_repeat
     ex += [(worldlib.open_book_prompt(r.context, r.question), " " + r.answer)
            for r in world.rc_items(cfg.rc_items, seed=1)]
     ex += world.general_text(cfg.general_items, seed=1)
@@ -66,10 +70,12 @@ def base_examples(world: worldlib.World, cfg) -> list:
 
 
 def train_base(ctx: Ctx) -> nnx.Module:
+    """WAKE: trains the base model from scratch on packed ``base_examples`` (AdamW, warmup +
+    cosine)."""
     cfg = ctx.cfg
     model = create_model(ctx.model_cfg, seed=cfg.seed)
-    tx = make_optimizer(OptimConfig(lr=cfg.base_lr, warmup_steps=50, weight_decay=0.0),
-                        cfg.base_steps)
+    tx = make_optimizer(OptimConfig(lr=cfg.base_lr, warmup_steps=cfg.base_warmup,
+                                    weight_decay=0.0), cfg.base_steps)
     state = create_train_state(model, tx)
     step = make_train_step(state, ctx.mesh)
     ds = make_dataset(base_examples(ctx.world, cfg), ctx.tok, seq_len=cfg.seq_len,
@@ -83,6 +89,7 @@ def train_base(ctx: Ctx) -> nnx.Module:
         if i % 50 == 0 or i == cfg.base_steps - 1:
             losses.append(float(m["loss"]))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            log.debug("wake step %d loss %.3f", i, losses[-1])
     log.info("base model trained: %d steps, final loss %.3f", cfg.base_steps, losses[-1])
     return state.model()
 
