@@ -49,10 +49,10 @@ class DemoConfig:
     rc_items: int = 3000
     general_items: int = 100
     # sleep
-    sleep_steps: int = 300
+    sleep_steps: int = 600
     sleep_batch: int = 32
     expert_rank: int = 32
-    expert_lr: float = 1e-2
+    expert_lr: float = 2e-2
     full_lr: float = 1e-3
     replay_fraction: float = 0.5
     eval_every: int = 50
