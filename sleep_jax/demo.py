@@ -55,6 +55,9 @@ class DemoConfig:
     expert_lr: float = 2e-2
     full_lr: float = 1e-3
     replay_fraction: float = 0.5
+    low_replay_fraction: float = 0.125  # the *_low methods: does a gate need less replay?
+    gate_l1: float = 0.02  # gated methods: cost of the router's mean gate
+    imitation_alpha: float = 0.5  # sleep_imitate: alpha * GKD + (1 - alpha) * imitation
     eval_every: int = 50
     methods: tuple[str, ...] = ("sft", "seed_full", "seed_noreplay", "sleep")
 
@@ -64,6 +67,10 @@ METHODS = {
     "seed_full": "seeding without growth: full fine-tune, GKD + replay",
     "seed_noreplay": "seeding into a new expert slot, no replay",
     "sleep": "seeding into a new expert slot + replay (the method)",
+    "sleep_gated": "as sleep, the slot behind a learned per-token gate with an L1 cost",
+    "sleep_low": "as sleep with less replay (low_replay_fraction)",
+    "sleep_gated_low": "as sleep_gated with less replay (low_replay_fraction)",
+    "sleep_imitate": "as sleep, loss alpha * GKD + (1 - alpha) * Learning to Imitate (GRPO)",
 }
 
 

@@ -140,9 +140,12 @@ def sft_batches(ctx: Ctx, rng: np.random.Generator):
     return iter(ds)
 
 
-def grow_student(ctx: Ctx, base: nnx.Module, rng) -> tuple[nnx.Module, object, ModelConfig]:
-    """The grown self: one low-rank expert slot beside every MLP, activated (B = 0: exact)."""
-    dst = ctx.model_cfg.replace(expert_slots=1, expert_rank=ctx.cfg.expert_rank)
+def grow_student(ctx: Ctx, base: nnx.Module, rng, router: bool = False
+                 ) -> tuple[nnx.Module, object, ModelConfig]:
+    """The grown self: one low-rank expert slot beside every MLP, activated (B = 0: exact);
+    with ``router`` the slot has a learned per-token gate."""
+    dst = ctx.model_cfg.replace(expert_slots=1, expert_rank=ctx.cfg.expert_rank,
+                                expert_router=router)
     k1, k2 = jax.random.split(rng)
     grown, _ = grow_model(base, ctx.model_cfg, dst, mesh=ctx.mesh, rng=k1)
     grown, mask = activate_slot(grown, None, 0, k2)
@@ -155,40 +158,71 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
     rng = np.random.default_rng(cfg.seed + 17)
     key = jax.random.key(cfg.seed + 1)
     steps = cfg.sleep_steps
-    if method in ("seed_noreplay", "sleep"):
-        student, mask, _ = grow_student(ctx, base, jax.random.fold_in(key, 99))
+    gated = "gated" in method
+    if method != "sft" and method != "seed_full":
+        student, mask, _ = grow_student(ctx, base, jax.random.fold_in(key, 99), router=gated)
         lr = cfg.expert_lr
     else:
         student, mask, lr = base, None, cfg.full_lr
     tx = make_optimizer(OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.0), steps)
     state = create_train_state(fresh_copy(student), tx)
     curve = [(0, evaluate_curve(state.model()))]
-    times = []
+    times, gates = [], []
     if method == "sft":
         step = make_train_step(state, ctx.mesh, mask=mask)
         data = sft_batches(ctx, rng)
         run = lambda st, i: step(st, next(data), jax.random.fold_in(key, i))
     else:
-        replay = 0.0 if method == "seed_noreplay" else cfg.replay_fraction
-        scfg = seeding.SeedingConfig()
+        replay = (0.0 if method == "seed_noreplay" else
+                  cfg.low_replay_fraction if method.endswith("_low") else cfg.replay_fraction)
+        scfg = seeding_config(cfg, method)
         sstep = seeding.make_seeding_step(scfg, state, ctx.mesh, eos_id=ctx.ids["eos"],
                                           pad_id=ctx.ids["pad"])
         tg, ts = nnx.split(base)
         data = seeding_batches(ctx, replay, rng)
         jmask = None if mask is None else jax.tree.map(jnp.asarray, mask)
-        run = lambda st, i: sstep(st, tg, ts, next(data), jax.random.fold_in(key, i), jmask)
+        imitate = None
+        if scfg.alpha < 1:
+            from sleep_jax.distill.imitation import make_imitation
+
+            imitate = make_imitation(scfg, decode=ctx.tok.decode, judge=None,
+                                     eos_id=ctx.ids["eos"], pad_id=ctx.ids["pad"])
+
+        def run(st, i):
+            batch, k = next(data), jax.random.fold_in(key, i)
+            imit = None if imitate is None else imitate(st, tg, ts, batch,
+                                                        jax.random.fold_in(k, 1))
+            return sstep(st, tg, ts, batch, k, jmask, imit)
     bar = tqdm(range(steps), desc=f"sleep: {method}", mininterval=2, leave=False)
     for i in bar:
         t0 = time.perf_counter()
         state, m = run(state, i)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
+        if "gate_memory_rows" in m:
+            gates.append((float(m["gate_memory_rows"]), float(m["gate_replay_rows"])))
         if (i + 1) % cfg.eval_every == 0 or i == steps - 1:
             curve.append((i + 1, evaluate_curve(state.model())))
             bar.set_postfix(loss=f"{float(m['loss']):.3f}", new_near=f"{curve[-1][1]:.2f}")
     steady = float(np.median(times[2:])) if len(times) > 3 else float(np.mean(times))
-    return {"model": state.model(), "curve": curve, "step_s": steady,
-            "compile_s": float(times[0])}
+    out = {"model": state.model(), "curve": curve, "step_s": steady,
+           "compile_s": float(times[0])}
+    if gates:  # the router's mean gate over the last tenth of the steps
+        tail = np.asarray(gates[-max(1, len(gates) // 10):])
+        out["gate"] = {"memory_rows": float(tail[:, 0].mean()),
+                       "replay_rows": float(tail[:, 1].mean())}
+    return out
+
+
+def seeding_config(cfg, method: str) -> seeding.SeedingConfig:
+    """The SeedingConfig of a demo method (defaults; gated methods add the gate cost,
+    ``sleep_imitate`` mixes in Learning to Imitate)."""
+    kw = {}
+    if "gated" in method:
+        kw["gate_l1"] = cfg.gate_l1
+    if method == "sleep_imitate":
+        kw["alpha"] = cfg.imitation_alpha
+    return seeding.SeedingConfig(**kw)
 
 
 def sft_step_time(ctx: Ctx, base: nnx.Module, n: int = 12) -> float:
@@ -277,6 +311,8 @@ def run_seed(cfg, workdir: str) -> dict:
         t0 = time.time()
         r = run_method(ctx, method, base, curve_eval)
         results[method] = evaluate(ctx, r["model"], base)
+        if "gate" in r:
+            results[method].update({f"gate_{k}": v for k, v in r["gate"].items()})
         curves[method] = r["curve"]
         timing[method] = {"step_s": r["step_s"], "compile_s": r["compile_s"],
                           "wall_s": time.time() - t0}

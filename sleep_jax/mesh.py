@@ -37,6 +37,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("expert", None),
     ("expert_rank", None),
+    ("router", None),
 )
 
 _reported: set[tuple] = set()

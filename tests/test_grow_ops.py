@@ -25,6 +25,7 @@ B, T = 2, 8
 # name: (overrides, options, bitwise)
 OPS = {
     "experts": (dict(expert_slots=2), GrowOptions(), True),
+    "experts_router": (dict(expert_slots=2, expert_router=True), GrowOptions(), True),
     "width_replicate": (dict(embed=32), GrowOptions(noise=0.01), False),
     "width_zero": (dict(embed=24), GrowOptions(width="zero"), False),
     "heads_split": (dict(heads=8, kv_heads=4), GrowOptions(noise=0.01), False),
@@ -234,3 +235,45 @@ def test_grow_model_params_only(source):
     assert bool(jnp.all(source["fwd"](model, source["tokens"], source["positions"])
                         == source["ref"]))
     assert bool(jnp.all(mask["blocks"]["expert_a"][...])) and not bool(mask["embed"][...])
+
+
+def test_router_gates_the_slot_like_an_explicit_gate(source):
+    """A routed slot equals the unrouted slot with ``expert_gate`` = the router's gates
+    (independent path), the gates are sigmoid(h.w + b) in (0, 1) and a zero router gives
+    exactly sigmoid(b); adding a router to a model that has slots is refused."""
+    from sleep_jax.grow import grow_model
+    from sleep_jax.grow.spec import check_growth
+
+    one = SRC.replace(layers=1)
+    base = create_model(one, seed=3)
+    routed_cfg = one.replace(expert_slots=2, expert_router=True)
+    routed, _ = grow_model(base, one, routed_cfg, mesh=source["mesh"], rng=jax.random.key(1))
+    routed, _ = activate_slot(routed, None, 0, jax.random.key(2))
+    routed, _ = activate_slot(routed, None, 1, jax.random.key(3))
+    rng = np.random.default_rng(0)
+    routed.blocks.expert_b[...] = jnp.asarray(rng.normal(0, 0.3, routed.blocks.expert_b.shape),
+                                              jnp.float32)
+    routed.blocks.expert_router_bias[...] = jnp.asarray([[[0.7], [-1.2]]], jnp.float32)
+    plain_cfg = one.replace(expert_slots=2)
+    plain = Decoder(plain_cfg, rngs=nnx.Rngs(0))
+    for name in ("embed", "final_norm"):
+        getattr(plain, name)[...] = getattr(routed, name)[...]
+    for name, v in vars(plain.blocks).items():
+        if isinstance(v, nnx.Variable):
+            v[...] = getattr(routed.blocks, name)[...]
+    tokens, positions = source["tokens"], source["positions"]
+    logits, _, gates = routed(tokens, positions, return_gates=True)
+    assert gates.shape == (1, B, T, 2)
+    assert bool(jnp.all((gates > 0) & (gates < 1)))
+    assert float(jnp.std(gates[..., 0])) > 1e-4  # per-token: the router reads h
+    ref = plain(tokens, positions, expert_gate=gates[0])[0]
+    _close(logits, ref)
+    assert float(jnp.max(jnp.abs(ref - plain(tokens, positions)[0]))) > 1e-4  # gate matters
+    routed.blocks.expert_router[...] = jnp.zeros_like(routed.blocks.expert_router[...])
+    _, _, g0 = routed(tokens, positions, return_gates=True)
+    np.testing.assert_allclose(np.asarray(g0[0, 0, 0]), 1 / (1 + np.exp([-0.7, 1.2])),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="expert_router"):
+        check_growth(plain_cfg, plain_cfg.replace(expert_slots=3, expert_router=True))
+    with pytest.raises(ValueError, match="return_gates"):
+        plain(tokens, positions, return_gates=True)

@@ -192,3 +192,32 @@ def test_seeding_with_imitation_runs_and_moves_only_new_parameters(grown):
     for mv, trainable in zip(jax.tree.leaves(moved), flat_m):
         assert trainable or not mv
     assert len(times) == 2
+
+
+def test_gate_cost_is_added_to_the_loss_and_reported_per_row_kind():
+    """With a router, loss(gate_l1=c) - loss(0) = c * mean gate over the student rows (same
+    rng, same state), and the gate is reported separately for memory and replay rows."""
+    base = create_model(CFG, seed=0)
+    mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
+    dst = CFG.replace(expert_slots=1, expert_rank=4, expert_router=True)
+    student, _ = grow_model(base, CFG, dst, mesh=mesh, rng=jax.random.key(1))
+    student, mask = activate_slot(student, None, 0, jax.random.key(2))
+    rng = np.random.default_rng(3)
+    mems = _rows(rng, 4, 3, 9) + [[]] * 4  # the last four rows are replay rows
+    batch = seeding.make_batch(mems, _rows(rng, 8, 2, 6), bos_id=1, teacher_len=16,
+                               student_len=8)
+    tg, ts = nnx.split(base)
+    out = {}
+    for c in (0.0, 0.5):
+        state = create_train_state(fresh_copy(student), optax.sgd(0.0))
+        step = seeding.make_seeding_step(seeding.SeedingConfig(max_new_tokens=3, gate_l1=c),
+                                         state, mesh, eos_id=2)
+        _, out[c] = step(state, tg, ts, batch, jax.random.key(0),
+                         jax.tree.map(jnp.asarray, mask))
+    m0, m1 = out[0.0], out[0.5]
+    mean_gate = 0.5 * (float(m1["gate_memory_rows"]) + float(m1["gate_replay_rows"]))
+    assert 0.0 < mean_gate < 1.0
+    assert float(m1["divergence"]) == pytest.approx(float(m0["divergence"]), rel=1e-6)
+    assert float(m1["loss"]) - float(m0["loss"]) == pytest.approx(0.5 * mean_gate, rel=1e-4)
+    with pytest.raises(ValueError, match="gate_l1"):
+        seeding.SeedingConfig(gate_l1=-1.0)

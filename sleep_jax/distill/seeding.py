@@ -46,6 +46,9 @@ class SeedingConfig:
     Learning to Imitate (used when alpha < 1): gamma weighs the judge's r_sem against r_lev,
     z0 is r_lev's cut-off, imitation_group G student completions per teacher text,
     imitation_text_tokens the teacher text's length, imitation_advantage the estimator.
+    gate_l1: with a router over the expert slots (``ModelConfig.expert_router``), the weight of
+      the mean gate over the student's tokens, so a slot opens only where it lowers the
+      divergence (0: no penalty; the gate metrics are reported either way).
     """
 
     divergence: str = "jsd"
@@ -60,6 +63,7 @@ class SeedingConfig:
     imitation_group: int = 4
     imitation_text_tokens: int = 8
     imitation_advantage: str = "grpo"
+    gate_l1: float = 0.0
 
     def rl_config(self):
         """The RLConfig of the imitation part (GRPO-style update inside the seeding step)."""
@@ -77,6 +81,8 @@ class SeedingConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"SeedingConfig.{name}={v} must be in [0, 1]")
+        if self.gate_l1 < 0:
+            raise ValueError(f"SeedingConfig.gate_l1={self.gate_l1} must be >= 0")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
 
@@ -148,6 +154,24 @@ def gkd_loss(student, teacher_logits_btv, aligned: align.AlignedBatch, cfg: Seed
                                        aligned, beta=cfg.beta, temperature=cfg.temperature)
 
 
+def _routed(model) -> bool:
+    c = getattr(model, "config", None)
+    return bool(getattr(c, "expert_router", False) and getattr(c, "expert_slots", 0))
+
+
+def gkd_loss_and_gates(student, teacher_logits_btv, aligned: align.AlignedBatch,
+                       cfg: SeedingConfig):
+    """``gkd_loss`` plus the router's gate per student row: mean over layers, slots and the
+    row's real tokens [B] (for a model with ``expert_router``; one forward pass)."""
+    rows = aligned.student
+    logits, _, gates = student(rows.tokens, rows.positions, mask=rows.valid, return_gates=True)
+    s, c = align.completion_divergence(cfg.divergence, logits, teacher_logits_btv, aligned,
+                                       beta=cfg.beta, temperature=cfg.temperature)
+    v = rows.valid.astype(jnp.float32)
+    per_row = jnp.sum(jnp.mean(gates, axis=(0, 3)) * v, 1) / jnp.maximum(jnp.sum(v, 1), 1.0)
+    return s, c, per_row
+
+
 def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rng, mask=None,
                  imitation=None, *, cfg: SeedingConfig, eos_id: int | None, pad_id: int = 0):
     """One Knowledge Seeding step. Jit it with ``cfg``/``eos_id``/``pad_id`` static.
@@ -165,17 +189,25 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
       mask: trainable mask (pytree like state.params) or None.
       imitation: the Learning-to-Imitate rollout (rewards and advantages attached) or None.
     Returns:
-      (new state, metrics dict with the divergence, token count, completion length and, with
-      imitation, its policy loss and mean reward).
+      (new state, metrics dict with the divergence, token count, completion length; with
+      imitation, its policy loss and mean reward; with a router, the mean gate on memory rows
+      and on replay rows).
     """
     student = state.model()
     aligned = collect(student, teacher, batch, rng, cfg, eos_id=eos_id, pad_id=pad_id)
     teacher_logits = jax.lax.stop_gradient(_logits(teacher, aligned.teacher))
 
+    routed = _routed(student)
+
     def loss_fn(params):
         model = nnx.merge(state.graphdef, params, state.other)
-        s, c = gkd_loss(model, teacher_logits, aligned, cfg)
+        if routed:
+            s, c, gate_row = gkd_loss_and_gates(model, teacher_logits, aligned, cfg)
+        else:
+            (s, c), gate_row = gkd_loss(model, teacher_logits, aligned, cfg), None
         loss = cfg.alpha * s / jnp.maximum(c, 1.0)
+        if routed and cfg.gate_l1:
+            loss = loss + cfg.gate_l1 * jnp.mean(gate_row)
         pg = jnp.zeros(())
         if imitation is not None:
             from sleep_jax.rl.update import grpo_loss, loss_norms
@@ -184,15 +216,22 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
             pg, _ = grpo_loss(params, imitation, graphdef=state.graphdef, other=state.other,
                               cfg=rl, norms=loss_norms(imitation, rl))
             loss = loss + (1.0 - cfg.alpha) * pg
-        return loss, (s, c, pg)
+        return loss, (s, c, pg, gate_row)
 
-    (loss, (s, c, pg)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (s, c, pg, gate_row)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     state = apply_gradients(state, grads, mask)
     metrics = {"loss": loss, "divergence": s / jnp.maximum(c, 1.0), "tokens": c,
                "completion_len": jnp.mean(jnp.sum(aligned.completion_mask, 1))}
     if imitation is not None:
         metrics["imitation_loss"] = pg
         metrics["imitation_reward"] = jnp.mean(imitation.rewards)
+    if routed:  # replay rows carry no memory: teacher prefix as long as the student's
+        replay = (batch.teacher_len == batch.student_len).astype(jnp.float32)
+        metrics["gate_memory_rows"] = (jnp.sum(gate_row * (1 - replay))
+                                       / jnp.maximum(jnp.sum(1 - replay), 1.0))
+        metrics["gate_replay_rows"] = (jnp.sum(gate_row * replay)
+                                       / jnp.maximum(jnp.sum(replay), 1.0))
     return state, metrics
 
 

@@ -87,6 +87,14 @@ def check_growth(src: ModelConfig, dst: ModelConfig) -> None:
             continue
         if f.name == "expert_rank" and src.expert_slots == 0:
             continue  # no expert arrays exist yet: the first slots may take any rank
+        if f.name == "expert_router":
+            if a or src.expert_slots:
+                raise ValueError(
+                    f"growth cannot change expert_router ({a} -> {b}) on a model with "
+                    f"{src.expert_slots} expert slot(s): a sigmoid gate cannot reproduce the "
+                    "ungated slots (gate 1) nor be removed exactly; add the router together "
+                    "with the first slots (expert_slots 0 -> E)")
+            continue
         if f.name in FIXED:
             raise ValueError(f"growth cannot change {f.name} ({a} -> {b}): {FIXED[f.name]}")
         if f.name not in GROWABLE:

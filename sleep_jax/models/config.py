@@ -40,6 +40,9 @@ class ModelConfig:
     # Low-rank expert slots beside each MLP (the paper's growth). 0 = off, no parameters, no cost.
     expert_slots: int = 0
     expert_rank: int = 64
+    # A learned gate per token and slot, sigmoid(h . w_e + b_e), so a slot can be active only
+    # where it is needed (the paper's MoE block implies routing; arXiv 2606.03979).
+    expert_router: bool = False
     # Numerics: parameters are stored in param_dtype; matmuls run in dtype. fp32 on CPU; on
     # accelerators use dtype="bfloat16" with fp32 parameters.
     dtype: str = "float32"
@@ -64,6 +67,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.attention={self.attention!r}; allowed: xla, cudnn, auto")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"ModelConfig.remat={self.remat!r}; allowed: none, full, dots")
+        object.__setattr__(self, "expert_router", bool(self.expert_router))
         if self.expert_slots < 0 or self.expert_rank < 1:
             raise ValueError(f"expert_slots={self.expert_slots} must be >= 0 and "
                              f"expert_rank={self.expert_rank} >= 1")

@@ -9,8 +9,9 @@ of arrays so growth operators and tests can reason about it directly.
 Optional low-rank expert slots sit beside each MLP (the paper's growth, arXiv 2606.03979):
 ``out = MLP(h) + sum_e gate_e * mask_e * B_e(silu(A_e h))`` with ``A_e: D x R``, ``B_e: R x D``
 and ``h`` the MLP's (normalised) input. ``mask`` [L, E] is a non-trainable ``SlotMask``
-variable; ``gate`` [.., E] is a call argument (1 when absent) a router can drive later without
-changing the checkpoint format.
+variable; ``gate`` [B, T, E] is 1, or with ``expert_router`` a learned per-token gate
+``sigmoid(h . w_e + b_e)`` (``w`` [L, E, D, 1], ``b`` [L, E, 1]: an expert active only where it
+is needed), times an optional ``expert_gate`` call argument.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def layer_forward(p: dict, x_btd, positions_bt, mask_bts, inv_freq, cfg: ModelCo
     """One decoder layer on arrays. ``p`` holds this layer's parameters (no layers axis).
 
     With ``cache_l`` ({"k","v": [B,S,K,H]}) the new keys/values are written at ``cache_index``
-    and attention runs over the whole cache. Returns (x [B,T,D], new cache_l or None).
+    and attention runs over the whole cache. Returns (x [B,T,D], new cache_l or None, router
+    gate [B,T,E] or None when the layer has no router).
     """
     dt = jnp.dtype(cfg.dtype)
     B, T, _ = x_btd.shape
@@ -126,14 +128,19 @@ def layer_forward(p: dict, x_btd, positions_bt, mask_bts, inv_freq, cfg: ModelCo
     g = jnp.einsum("btd,df->btf", h, p["gate"].astype(dt))
     u = jnp.einsum("btd,df->btf", h, p["up"].astype(dt))
     y = jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, p["down"].astype(dt))
+    routed = None
     if "expert_a" in p:
         z = jax.nn.silu(jnp.einsum("btd,edr->bter", h, p["expert_a"].astype(dt)))
         w = p["expert_mask"].astype(dt)  # [E]
         if expert_gate is not None:
             w = w * expert_gate.astype(dt)  # [B,T,E] or [E]
+        if "expert_router" in p:
+            r = jnp.einsum("btd,edo->bteo", h, p["expert_router"].astype(dt))
+            routed = jax.nn.sigmoid((r + p["expert_router_bias"].astype(dt))[..., 0])
+            w = w * routed
         z = z * jnp.broadcast_to(w, (B, T, w.shape[-1]))[..., None]
         y = y + jnp.einsum("bter,erd->btd", z, p["expert_b"].astype(dt))
-    return x_btd + y, new_cache
+    return x_btd + y, new_cache, routed
 
 
 _REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
@@ -177,6 +184,11 @@ class Blocks(nnx.Module):
             self.expert_b = nnx.Param(jnp.zeros((L, E, R, D), pd),
                                       logical_axes=("layers", "expert", "expert_rank", "embed"))
             self.expert_mask = SlotMask(jnp.zeros((L, E), pd), logical_axes=("layers", "expert"))
+            if cfg.expert_router:
+                self.expert_router = _param(rngs, w, (L, E, D, 1),
+                                            ("layers", "expert", "embed", "router"), pd)
+                self.expert_router_bias = nnx.Param(
+                    jnp.zeros((L, E, 1), pd), logical_axes=("layers", "expert", "router"))
 
 
 class Decoder(nnx.Module):
@@ -206,7 +218,7 @@ class Decoder(nnx.Module):
                 "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
     def __call__(self, tokens, positions, cache=None, mask=None, segment_ids=None, *,
-                 return_hidden: bool = False, expert_gate=None):
+                 return_hidden: bool = False, expert_gate=None, return_gates: bool = False):
         """Forward pass.
 
         Args:
@@ -217,10 +229,16 @@ class Decoder(nnx.Module):
           segment_ids: [B,T] int; attention stays within a segment (packing). No cache.
           return_hidden: also return the final hidden states [B,T,D] (after the final norm).
           expert_gate: optional expert-slot gate, broadcastable to [B,T,E] (default 1).
+          return_gates: also return the router's gates [L,B,T,E] (needs ``expert_router``).
         Returns:
-          (logits [B,T,V] fp32, cache) or (logits, cache, hidden [B,T,D]).
+          (logits [B,T,V] fp32, cache), then hidden [B,T,D] if ``return_hidden``, then the
+          gates if ``return_gates``.
         """
         cfg = self.config
+        if return_gates and not (cfg.expert_router and cfg.expert_slots):
+            raise ValueError("return_gates=True needs a model with a router over expert slots "
+                             f"(expert_router=True, expert_slots>=1); got "
+                             f"expert_router={cfg.expert_router}, expert_slots={cfg.expert_slots}")
         dt = jnp.dtype(cfg.dtype)
         B, T = tokens.shape
         if mask is None:
@@ -244,13 +262,13 @@ class Decoder(nnx.Module):
 
         def body(x, xs):
             p, c = xs
-            x, c = layer_forward(p, x, positions, attn_mask, inv_freq, cfg, c, index,
-                                 expert_gate)
-            return _constrain_batch(x), c
+            x, c, g = layer_forward(p, x, positions, attn_mask, inv_freq, cfg, c, index,
+                                    expert_gate)
+            return _constrain_batch(x), (c, g if return_gates else None)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat])
-        x, new_layer_cache = jax.lax.scan(body, x, (params, layer_cache))
+        x, (new_layer_cache, gates) = jax.lax.scan(body, x, (params, layer_cache))
         x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt),
@@ -261,6 +279,9 @@ class Decoder(nnx.Module):
         new_cache = None
         if cache is not None:
             new_cache = dict(new_layer_cache, valid=valid, index=index + T)
+        out = (logits, new_cache)
         if return_hidden:
-            return logits, new_cache, x
-        return logits, new_cache
+            out += (x,)
+        if return_gates:
+            out += (gates,)
+        return out
