@@ -57,6 +57,7 @@ class DemoConfig:
     replay_fraction: float = 0.5
     low_replay_fraction: float = 0.125  # the *_low methods: does a gate need less replay?
     gate_l1: float = 0.02  # gated methods: cost of the router's mean gate
+    expert_l1: float = 0.1  # sparse methods: cost of the expert output's RMS per token
     imitation_alpha: float = 0.5  # sleep_imitate: alpha * GKD + (1 - alpha) * imitation
     eval_every: int = 50
     methods: tuple[str, ...] = ("sft", "seed_full", "seed_noreplay", "sleep")
@@ -70,6 +71,9 @@ METHODS = {
     "sleep_gated": "as sleep, the slot behind a learned per-token gate with an L1 cost",
     "sleep_low": "as sleep with less replay (low_replay_fraction)",
     "sleep_gated_low": "as sleep_gated with less replay (low_replay_fraction)",
+    "sleep_sparse": "as sleep, with a cost on the expert's output RMS per token",
+    "sleep_sparse_low": "as sleep_sparse with less replay (low_replay_fraction)",
+    "sleep_routed_sparse_low": "router (no gate cost) + output-RMS cost, less replay",
     "sleep_imitate": "as sleep, loss alpha * GKD + (1 - alpha) * Learning to Imitate (GRPO)",
 }
 

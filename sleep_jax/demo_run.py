@@ -158,7 +158,7 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
     rng = np.random.default_rng(cfg.seed + 17)
     key = jax.random.key(cfg.seed + 1)
     steps = cfg.sleep_steps
-    gated = "gated" in method
+    gated = "gated" in method or "routed" in method
     if method != "sft" and method != "seed_full":
         student, mask, _ = grow_student(ctx, base, jax.random.fold_in(key, 99), router=gated)
         lr = cfg.expert_lr
@@ -200,17 +200,18 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
         if "gate_memory_rows" in m:
-            gates.append((float(m["gate_memory_rows"]), float(m["gate_replay_rows"])))
+            gates.append([float(m[f"{a}_{b}_rows"]) for a in ("gate", "expert_rms")
+                          for b in ("memory", "replay")])
         if (i + 1) % cfg.eval_every == 0 or i == steps - 1:
             curve.append((i + 1, evaluate_curve(state.model())))
             bar.set_postfix(loss=f"{float(m['loss']):.3f}", new_near=f"{curve[-1][1]:.2f}")
     steady = float(np.median(times[2:])) if len(times) > 3 else float(np.mean(times))
     out = {"model": state.model(), "curve": curve, "step_s": steady,
            "compile_s": float(times[0])}
-    if gates:  # the router's mean gate over the last tenth of the steps
-        tail = np.asarray(gates[-max(1, len(gates) // 10):])
-        out["gate"] = {"memory_rows": float(tail[:, 0].mean()),
-                       "replay_rows": float(tail[:, 1].mean())}
+    if gates:  # expert activity over the last tenth of the steps, per row kind
+        tail = np.asarray(gates[-max(1, len(gates) // 10):]).mean(0)
+        out["experts"] = {"gate_memory_rows": tail[0], "gate_replay_rows": tail[1],
+                          "rms_memory_rows": tail[2], "rms_replay_rows": tail[3]}
     return out
 
 
@@ -220,6 +221,8 @@ def seeding_config(cfg, method: str) -> seeding.SeedingConfig:
     kw = {}
     if "gated" in method:
         kw["gate_l1"] = cfg.gate_l1
+    if "sparse" in method:
+        kw["expert_l1"] = cfg.expert_l1
     if method == "sleep_imitate":
         kw["alpha"] = cfg.imitation_alpha
     return seeding.SeedingConfig(**kw)
@@ -311,8 +314,8 @@ def run_seed(cfg, workdir: str) -> dict:
         t0 = time.time()
         r = run_method(ctx, method, base, curve_eval)
         results[method] = evaluate(ctx, r["model"], base)
-        if "gate" in r:
-            results[method].update({f"gate_{k}": v for k, v in r["gate"].items()})
+        results[method].update({f"expert_{k}": float(v)
+                                for k, v in r.get("experts", {}).items()})
         curves[method] = r["curve"]
         timing[method] = {"step_s": r["step_s"], "compile_s": r["compile_s"],
                           "wall_s": time.time() - t0}

@@ -240,7 +240,8 @@ def test_grow_model_params_only(source):
 def test_router_gates_the_slot_like_an_explicit_gate(source):
     """A routed slot equals the unrouted slot with ``expert_gate`` = the router's gates
     (independent path), the gates are sigmoid(h.w + b) in (0, 1) and a zero router gives
-    exactly sigmoid(b); adding a router to a model that has slots is refused."""
+    exactly sigmoid(b); the reported output RMS is linear in B and 0 with the slots gated
+    off; adding a router to a model that has slots is refused."""
     from sleep_jax.grow import grow_model
     from sleep_jax.grow.spec import check_growth
 
@@ -262,7 +263,8 @@ def test_router_gates_the_slot_like_an_explicit_gate(source):
         if isinstance(v, nnx.Variable):
             v[...] = getattr(routed.blocks, name)[...]
     tokens, positions = source["tokens"], source["positions"]
-    logits, _, gates = routed(tokens, positions, return_gates=True)
+    logits, _, ex = routed(tokens, positions, return_experts=True)
+    gates = ex["gate"]
     assert gates.shape == (1, B, T, 2)
     assert bool(jnp.all((gates > 0) & (gates < 1)))
     assert float(jnp.std(gates[..., 0])) > 1e-4  # per-token: the router reads h
@@ -270,10 +272,16 @@ def test_router_gates_the_slot_like_an_explicit_gate(source):
     _close(logits, ref)
     assert float(jnp.max(jnp.abs(ref - plain(tokens, positions)[0]))) > 1e-4  # gate matters
     routed.blocks.expert_router[...] = jnp.zeros_like(routed.blocks.expert_router[...])
-    _, _, g0 = routed(tokens, positions, return_gates=True)
-    np.testing.assert_allclose(np.asarray(g0[0, 0, 0]), 1 / (1 + np.exp([-0.7, 1.2])),
+    _, _, ex0 = routed(tokens, positions, return_experts=True)
+    np.testing.assert_allclose(np.asarray(ex0["gate"][0, 0, 0]), 1 / (1 + np.exp([-0.7, 1.2])),
                                rtol=1e-6)
+    rms = ex0["out_rms"]
+    assert rms.shape == (1, B, T) and float(jnp.min(rms)) > 1e-4
+    routed.blocks.expert_b[...] = 2 * routed.blocks.expert_b[...]
+    _close(routed(tokens, positions, return_experts=True)[2]["out_rms"], 2 * rms)
+    off = plain(tokens, positions, expert_gate=jnp.zeros(2), return_experts=True)[2]
+    assert float(jnp.max(off["out_rms"])) < 1e-5
     with pytest.raises(ValueError, match="expert_router"):
         check_growth(plain_cfg, plain_cfg.replace(expert_slots=3, expert_router=True))
-    with pytest.raises(ValueError, match="return_gates"):
-        plain(tokens, positions, return_gates=True)
+    with pytest.raises(ValueError, match="return_experts"):
+        base(tokens, positions, return_experts=True)

@@ -194,9 +194,10 @@ def test_seeding_with_imitation_runs_and_moves_only_new_parameters(grown):
     assert len(times) == 2
 
 
-def test_gate_cost_is_added_to_the_loss_and_reported_per_row_kind():
-    """With a router, loss(gate_l1=c) - loss(0) = c * mean gate over the student rows (same
-    rng, same state), and the gate is reported separately for memory and replay rows."""
+def test_expert_costs_are_added_to_the_loss_and_reported_per_row_kind():
+    """With a router, loss(gate_l1=c, expert_l1=e) - loss(0, 0) = c * mean gate + e * mean
+    expert output RMS over the student rows (same rng, same state), each reported separately
+    for memory and replay rows."""
     base = create_model(CFG, seed=0)
     mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
     dst = CFG.replace(expert_slots=1, expert_rank=4, expert_router=True)
@@ -208,16 +209,21 @@ def test_gate_cost_is_added_to_the_loss_and_reported_per_row_kind():
                                student_len=8)
     tg, ts = nnx.split(base)
     out = {}
+    student.blocks.expert_b[...] = 0.1 * jax.random.normal(jax.random.key(4),
+                                                           student.blocks.expert_b.shape)
     for c in (0.0, 0.5):
         state = create_train_state(fresh_copy(student), optax.sgd(0.0))
-        step = seeding.make_seeding_step(seeding.SeedingConfig(max_new_tokens=3, gate_l1=c),
-                                         state, mesh, eos_id=2)
+        scfg = seeding.SeedingConfig(max_new_tokens=3, gate_l1=c, expert_l1=2 * c)
+        step = seeding.make_seeding_step(scfg, state, mesh, eos_id=2)
         _, out[c] = step(state, tg, ts, batch, jax.random.key(0),
                          jax.tree.map(jnp.asarray, mask))
     m0, m1 = out[0.0], out[0.5]
     mean_gate = 0.5 * (float(m1["gate_memory_rows"]) + float(m1["gate_replay_rows"]))
-    assert 0.0 < mean_gate < 1.0
+    mean_rms = 0.5 * (float(m1["expert_rms_memory_rows"]) + float(m1["expert_rms_replay_rows"]))
+    assert 0.0 < mean_gate < 1.0 and mean_rms > 1e-4
     assert float(m1["divergence"]) == pytest.approx(float(m0["divergence"]), rel=1e-6)
-    assert float(m1["loss"]) - float(m0["loss"]) == pytest.approx(0.5 * mean_gate, rel=1e-4)
-    with pytest.raises(ValueError, match="gate_l1"):
-        seeding.SeedingConfig(gate_l1=-1.0)
+    assert float(m1["loss"]) - float(m0["loss"]) == pytest.approx(
+        0.5 * mean_gate + 1.0 * mean_rms, rel=1e-4)
+    for name in ("gate_l1", "expert_l1"):
+        with pytest.raises(ValueError, match=name):
+            seeding.SeedingConfig(**{name: -1.0})

@@ -46,9 +46,13 @@ class SeedingConfig:
     Learning to Imitate (used when alpha < 1): gamma weighs the judge's r_sem against r_lev,
     z0 is r_lev's cut-off, imitation_group G student completions per teacher text,
     imitation_text_tokens the teacher text's length, imitation_advantage the estimator.
-    gate_l1: with a router over the expert slots (``ModelConfig.expert_router``), the weight of
-      the mean gate over the student's tokens, so a slot opens only where it lowers the
-      divergence (0: no penalty; the gate metrics are reported either way).
+    gate_l1: weight of the mean expert gate over the student's tokens (with a router,
+      ``ModelConfig.expert_router``). Beware: gate * B is scale-free, so the expert can
+      shrink the gate and grow B (docs/LOG.md 2026-11-29).
+    expert_l1: weight of the mean RMS of the expert slots' added output per token: a
+      scale-free cost, so a slot stays silent where it does not lower the divergence.
+    Gate and output RMS are reported per row kind (memory / replay) whenever the student has
+    slots.
     """
 
     divergence: str = "jsd"
@@ -64,6 +68,7 @@ class SeedingConfig:
     imitation_text_tokens: int = 8
     imitation_advantage: str = "grpo"
     gate_l1: float = 0.0
+    expert_l1: float = 0.0
 
     def rl_config(self):
         """The RLConfig of the imitation part (GRPO-style update inside the seeding step)."""
@@ -81,8 +86,9 @@ class SeedingConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"SeedingConfig.{name}={v} must be in [0, 1]")
-        if self.gate_l1 < 0:
-            raise ValueError(f"SeedingConfig.gate_l1={self.gate_l1} must be >= 0")
+        for name in ("gate_l1", "expert_l1"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SeedingConfig.{name}={getattr(self, name)} must be >= 0")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
 
@@ -154,22 +160,26 @@ def gkd_loss(student, teacher_logits_btv, aligned: align.AlignedBatch, cfg: Seed
                                        aligned, beta=cfg.beta, temperature=cfg.temperature)
 
 
-def _routed(model) -> bool:
-    c = getattr(model, "config", None)
-    return bool(getattr(c, "expert_router", False) and getattr(c, "expert_slots", 0))
+def _has_slots(model) -> bool:
+    from sleep_jax.models.llama import Decoder
+
+    return isinstance(model, Decoder) and model.config.expert_slots > 0
 
 
-def gkd_loss_and_gates(student, teacher_logits_btv, aligned: align.AlignedBatch,
-                       cfg: SeedingConfig):
-    """``gkd_loss`` plus the router's gate per student row: mean over layers, slots and the
-    row's real tokens [B] (for a model with ``expert_router``; one forward pass)."""
+def gkd_loss_and_experts(student, teacher_logits_btv, aligned: align.AlignedBatch,
+                         cfg: SeedingConfig):
+    """``gkd_loss`` plus the expert slots' activity per student row, from one forward pass:
+    (sum, count, gate [B], out_rms [B]), each the mean over layers (and slots) and the row's
+    real tokens (``sleep_jax`` Decoder with expert slots)."""
     rows = aligned.student
-    logits, _, gates = student(rows.tokens, rows.positions, mask=rows.valid, return_gates=True)
+    logits, _, ex = student(rows.tokens, rows.positions, mask=rows.valid, return_experts=True)
     s, c = align.completion_divergence(cfg.divergence, logits, teacher_logits_btv, aligned,
                                        beta=cfg.beta, temperature=cfg.temperature)
     v = rows.valid.astype(jnp.float32)
-    per_row = jnp.sum(jnp.mean(gates, axis=(0, 3)) * v, 1) / jnp.maximum(jnp.sum(v, 1), 1.0)
-    return s, c, per_row
+    n = jnp.maximum(jnp.sum(v, 1), 1.0)
+    gate = jnp.sum(jnp.mean(ex["gate"], axis=(0, 3)) * v, 1) / n
+    out_rms = jnp.sum(jnp.mean(ex["out_rms"], axis=0) * v, 1) / n
+    return s, c, gate, out_rms
 
 
 def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rng, mask=None,
@@ -190,24 +200,30 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
       imitation: the Learning-to-Imitate rollout (rewards and advantages attached) or None.
     Returns:
       (new state, metrics dict with the divergence, token count, completion length; with
-      imitation, its policy loss and mean reward; with a router, the mean gate on memory rows
-      and on replay rows).
+      imitation, its policy loss and mean reward; with expert slots, the mean gate and expert
+      output RMS on memory rows and on replay rows).
     """
     student = state.model()
     aligned = collect(student, teacher, batch, rng, cfg, eos_id=eos_id, pad_id=pad_id)
     teacher_logits = jax.lax.stop_gradient(_logits(teacher, aligned.teacher))
 
-    routed = _routed(student)
+    slots = _has_slots(student)
+    if (cfg.gate_l1 or cfg.expert_l1) and not slots:
+        raise ValueError(f"gate_l1={cfg.gate_l1} / expert_l1={cfg.expert_l1} charge the expert "
+                         "slots' activity: the student must be a sleep_jax Decoder with "
+                         "expert_slots >= 1")
 
     def loss_fn(params):
         model = nnx.merge(state.graphdef, params, state.other)
-        if routed:
-            s, c, gate_row = gkd_loss_and_gates(model, teacher_logits, aligned, cfg)
+        if slots:
+            s, c, gate_row, rms_row = gkd_loss_and_experts(model, teacher_logits, aligned, cfg)
         else:
-            (s, c), gate_row = gkd_loss(model, teacher_logits, aligned, cfg), None
+            (s, c), gate_row, rms_row = gkd_loss(model, teacher_logits, aligned, cfg), None, None
         loss = cfg.alpha * s / jnp.maximum(c, 1.0)
-        if routed and cfg.gate_l1:
+        if cfg.gate_l1:
             loss = loss + cfg.gate_l1 * jnp.mean(gate_row)
+        if cfg.expert_l1:
+            loss = loss + cfg.expert_l1 * jnp.mean(rms_row)
         pg = jnp.zeros(())
         if imitation is not None:
             from sleep_jax.rl.update import grpo_loss, loss_norms
@@ -216,9 +232,9 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
             pg, _ = grpo_loss(params, imitation, graphdef=state.graphdef, other=state.other,
                               cfg=rl, norms=loss_norms(imitation, rl))
             loss = loss + (1.0 - cfg.alpha) * pg
-        return loss, (s, c, pg, gate_row)
+        return loss, (s, c, pg, (gate_row, rms_row))
 
-    (loss, (s, c, pg, gate_row)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (s, c, pg, (gate_row, rms_row))), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     state = apply_gradients(state, grads, mask)
     metrics = {"loss": loss, "divergence": s / jnp.maximum(c, 1.0), "tokens": c,
@@ -226,12 +242,13 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
     if imitation is not None:
         metrics["imitation_loss"] = pg
         metrics["imitation_reward"] = jnp.mean(imitation.rewards)
-    if routed:  # replay rows carry no memory: teacher prefix as long as the student's
+    if slots:  # replay rows carry no memory: teacher prefix as long as the student's
         replay = (batch.teacher_len == batch.student_len).astype(jnp.float32)
-        metrics["gate_memory_rows"] = (jnp.sum(gate_row * (1 - replay))
-                                       / jnp.maximum(jnp.sum(1 - replay), 1.0))
-        metrics["gate_replay_rows"] = (jnp.sum(gate_row * replay)
-                                       / jnp.maximum(jnp.sum(replay), 1.0))
+        for name, row in (("gate", gate_row), ("expert_rms", rms_row)):
+            metrics[f"{name}_memory_rows"] = (jnp.sum(row * (1 - replay))
+                                              / jnp.maximum(jnp.sum(1 - replay), 1.0))
+            metrics[f"{name}_replay_rows"] = (jnp.sum(row * replay)
+                                              / jnp.maximum(jnp.sum(replay), 1.0))
     return state, metrics
 
 

@@ -11,7 +11,8 @@ Optional low-rank expert slots sit beside each MLP (the paper's growth, arXiv 26
 and ``h`` the MLP's (normalised) input. ``mask`` [L, E] is a non-trainable ``SlotMask``
 variable; ``gate`` [B, T, E] is 1, or with ``expert_router`` a learned per-token gate
 ``sigmoid(h . w_e + b_e)`` (``w`` [L, E, D, 1], ``b`` [L, E, 1]: an expert active only where it
-is needed), times an optional ``expert_gate`` call argument.
+is needed), times an optional ``expert_gate`` call argument. ``return_experts=True`` also
+returns the gates and the RMS of the slots' added output per token (what a sparsity cost reads).
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def layer_forward(p: dict, x_btd, positions_bt, mask_bts, inv_freq, cfg: ModelCo
     """One decoder layer on arrays. ``p`` holds this layer's parameters (no layers axis).
 
     With ``cache_l`` ({"k","v": [B,S,K,H]}) the new keys/values are written at ``cache_index``
-    and attention runs over the whole cache. Returns (x [B,T,D], new cache_l or None, router
-    gate [B,T,E] or None when the layer has no router).
+    and attention runs over the whole cache. Returns (x [B,T,D], new cache_l or None, experts)
+    with experts None without slots, else {"gate": each slot's weight mask * gate [B,T,E],
+    "out_rms": RMS over D of the slots' summed contribution [B,T]}.
     """
     dt = jnp.dtype(cfg.dtype)
     B, T, _ = x_btd.shape
@@ -128,19 +130,20 @@ def layer_forward(p: dict, x_btd, positions_bt, mask_bts, inv_freq, cfg: ModelCo
     g = jnp.einsum("btd,df->btf", h, p["gate"].astype(dt))
     u = jnp.einsum("btd,df->btf", h, p["up"].astype(dt))
     y = jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, p["down"].astype(dt))
-    routed = None
+    experts = None
     if "expert_a" in p:
         z = jax.nn.silu(jnp.einsum("btd,edr->bter", h, p["expert_a"].astype(dt)))
-        w = p["expert_mask"].astype(dt)  # [E]
+        w = jnp.broadcast_to(p["expert_mask"].astype(dt), (B, T, p["expert_mask"].shape[-1]))
         if expert_gate is not None:
             w = w * expert_gate.astype(dt)  # [B,T,E] or [E]
         if "expert_router" in p:
             r = jnp.einsum("btd,edo->bteo", h, p["expert_router"].astype(dt))
-            routed = jax.nn.sigmoid((r + p["expert_router_bias"].astype(dt))[..., 0])
-            w = w * routed
-        z = z * jnp.broadcast_to(w, (B, T, w.shape[-1]))[..., None]
-        y = y + jnp.einsum("bter,erd->btd", z, p["expert_b"].astype(dt))
-    return x_btd + y, new_cache, routed
+            w = w * jax.nn.sigmoid((r + p["expert_router_bias"].astype(dt))[..., 0])
+        d = jnp.einsum("bter,erd->btd", z * w[..., None], p["expert_b"].astype(dt))
+        y = y + d
+        experts = {"gate": w, "out_rms": jnp.sqrt(jnp.mean(jnp.square(d.astype(jnp.float32)),
+                                                           -1) + 1e-12)}
+    return x_btd + y, new_cache, experts
 
 
 _REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
@@ -218,7 +221,7 @@ class Decoder(nnx.Module):
                 "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
     def __call__(self, tokens, positions, cache=None, mask=None, segment_ids=None, *,
-                 return_hidden: bool = False, expert_gate=None, return_gates: bool = False):
+                 return_hidden: bool = False, expert_gate=None, return_experts: bool = False):
         """Forward pass.
 
         Args:
@@ -229,16 +232,16 @@ class Decoder(nnx.Module):
           segment_ids: [B,T] int; attention stays within a segment (packing). No cache.
           return_hidden: also return the final hidden states [B,T,D] (after the final norm).
           expert_gate: optional expert-slot gate, broadcastable to [B,T,E] (default 1).
-          return_gates: also return the router's gates [L,B,T,E] (needs ``expert_router``).
+          return_experts: also return the expert slots' activity per layer: {"gate": mask *
+            gate [L,B,T,E], "out_rms": RMS of their added output [L,B,T]} (needs slots).
         Returns:
           (logits [B,T,V] fp32, cache), then hidden [B,T,D] if ``return_hidden``, then the
-          gates if ``return_gates``.
+          expert activity if ``return_experts``.
         """
         cfg = self.config
-        if return_gates and not (cfg.expert_router and cfg.expert_slots):
-            raise ValueError("return_gates=True needs a model with a router over expert slots "
-                             f"(expert_router=True, expert_slots>=1); got "
-                             f"expert_router={cfg.expert_router}, expert_slots={cfg.expert_slots}")
+        if return_experts and not cfg.expert_slots:
+            raise ValueError("return_experts=True needs a model with expert slots "
+                             f"(expert_slots >= 1); got expert_slots={cfg.expert_slots}")
         dt = jnp.dtype(cfg.dtype)
         B, T = tokens.shape
         if mask is None:
@@ -264,11 +267,11 @@ class Decoder(nnx.Module):
             p, c = xs
             x, c, g = layer_forward(p, x, positions, attn_mask, inv_freq, cfg, c, index,
                                     expert_gate)
-            return _constrain_batch(x), (c, g if return_gates else None)
+            return _constrain_batch(x), (c, g if return_experts else None)
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat])
-        x, (new_layer_cache, gates) = jax.lax.scan(body, x, (params, layer_cache))
+        x, (new_layer_cache, experts) = jax.lax.scan(body, x, (params, layer_cache))
         x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt),
@@ -282,6 +285,6 @@ class Decoder(nnx.Module):
         out = (logits, new_cache)
         if return_hidden:
             out += (x,)
-        if return_gates:
-            out += (gates,)
+        if return_experts:
+            out += (experts,)
         return out
