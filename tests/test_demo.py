@@ -1,0 +1,29 @@
+"""The demo end to end at smoke size (`sleep-jax demo --quick`): every stage runs and the report
+holds every figure; learning itself is tested in test_seeding_learning.py."""
+
+import json
+import os
+
+from sleep_jax.demo import main
+
+
+def test_demo_quick_writes_a_complete_report(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["--quick", "--workdir", str(out), "--methods", "sft,sleep_gated"]) == 0
+    seed = out / "seed0"
+    report = json.loads((seed / "report.json").read_text())
+    assert set(report["methods"]) == {"sft", "sleep_gated"}
+    for name in ("closed_new_near", "closed_new_far", "closed_old_near", "closed_old_far"):
+        for r in (report["base"], *report["methods"].values()):
+            assert 0.0 <= r[name] <= 1.0
+    assert 0.0 <= report["base"]["open_new_far"] <= 1.0
+    gated = report["methods"]["sleep_gated"]
+    assert 0.0 < gated["expert_gate_memory_rows"] < 1.0  # the router's gate, measured
+    assert gated["expert_rms_memory_rows"] > 0.0
+    assert report["methods"]["sft"]["kl_to_base"] > 0.0
+    assert len(report["curves"]["sleep_gated"]) >= 2
+    assert "seeding_step_cost_x_sft" in report
+    pngs = [f for f in os.listdir(seed) if f.endswith(".png")]
+    assert pngs, os.listdir(seed)
+    assert "| sleep_gated |" in (out / "summary.md").read_text()
+    assert (seed / "base" / "config.json").exists()
