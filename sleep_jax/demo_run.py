@@ -212,6 +212,8 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
         tail = np.asarray(gates[-max(1, len(gates) // 10):]).mean(0)
         out["experts"] = {"gate_memory_rows": tail[0], "gate_replay_rows": tail[1],
                           "rms_memory_rows": tail[2], "rms_replay_rows": tail[3]}
+        if method == "seed_noreplay":  # no replay rows: nothing was measured there
+            out["experts"] = {k: v for k, v in out["experts"].items() if "replay" not in k}
     return out
 
 

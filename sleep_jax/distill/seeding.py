@@ -201,7 +201,7 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
     Returns:
       (new state, metrics dict with the divergence, token count, completion length; with
       imitation, its policy loss and mean reward; with expert slots, the mean gate and expert
-      output RMS on memory rows and on replay rows).
+      output RMS on memory rows and on replay rows, 0 for a kind absent from the batch).
     """
     student = state.model()
     aligned = collect(student, teacher, batch, rng, cfg, eos_id=eos_id, pad_id=pad_id)
