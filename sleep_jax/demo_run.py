@@ -152,34 +152,74 @@ def grow_student(ctx: Ctx, base: nnx.Module, rng, router: bool = False
     return grown, mask, dst
 
 
+# What each demo method is made of (descriptions in ``sleep_jax.demo.METHODS``): grow an expert
+# slot (else train the whole model), give it a router, replay "full" / "low" / "none", and the
+# seeding options it turns on ("sft": LM loss on the passages instead of seeding).
+METHOD_PARTS = {
+    "sft": dict(expert=False, replay="none", sft=True),
+    "seed_full": dict(expert=False),
+    "seed_noreplay": dict(replay="none"),
+    "sleep": {},
+    "sleep_gated": dict(router=True, gate_l1=True),
+    "sleep_low": dict(replay="low"),
+    "sleep_gated_low": dict(router=True, gate_l1=True, replay="low"),
+    "sleep_sparse": dict(expert_l1=True),
+    "sleep_sparse_low": dict(expert_l1=True, replay="low"),
+    "sleep_routed_sparse_low": dict(router=True, expert_l1=True, replay="low"),
+    "sleep_imitate": dict(imitation=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodPlan:
+    expert: bool  # seed into a new expert slot (only it trains); else the whole model
+    router: bool  # the slot has a learned per-token gate
+    replay: float  # fraction of each batch that self-distils on OLD prompts
+    seeding: seeding.SeedingConfig | None  # None: SFT on the NEW passages
+
+
+def method_plan(cfg, method: str) -> MethodPlan:
+    """The plan of a demo method under the DemoConfig ``cfg``."""
+    parts = {"expert": True, "router": False, "replay": "full", **METHOD_PARTS[method]}
+    replay = {"full": cfg.replay_fraction, "low": cfg.low_replay_fraction,
+              "none": 0.0}[parts["replay"]]
+    scfg = None
+    if not parts.get("sft"):
+        scfg = seeding.SeedingConfig(
+            gate_l1=cfg.gate_l1 if parts.get("gate_l1") else 0.0,
+            expert_l1=cfg.expert_l1 if parts.get("expert_l1") else 0.0,
+            alpha=cfg.imitation_alpha if parts.get("imitation") else 1.0)
+    return MethodPlan(parts["expert"], parts["router"], replay, scfg)
+
+
 def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
-    """Sleep with one method; returns the trained model, the curve and step timings."""
+    """Sleep with one method; returns the trained model, the curve, step timings and, with an
+    expert, its activity per row kind."""
     cfg = ctx.cfg
+    plan = method_plan(cfg, method)
     rng = np.random.default_rng(cfg.seed + 17)
     key = jax.random.key(cfg.seed + 1)
     steps = cfg.sleep_steps
-    gated = "gated" in method or "routed" in method
-    if method != "sft" and method != "seed_full":
-        student, mask, _ = grow_student(ctx, base, jax.random.fold_in(key, 99), router=gated)
+    if plan.expert:
+        student, mask, _ = grow_student(ctx, base, jax.random.fold_in(key, 99),
+                                        router=plan.router)
         lr = cfg.expert_lr
     else:
         student, mask, lr = base, None, cfg.full_lr
     tx = make_optimizer(OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.0), steps)
     state = create_train_state(fresh_copy(student), tx)
     curve = [(0, evaluate_curve(state.model()))]
-    times, gates = [], []
-    if method == "sft":
+    times, activity = [], []
+    if plan.seeding is None:
         step = make_train_step(state, ctx.mesh, mask=mask)
         data = sft_batches(ctx, rng)
         run = lambda st, i: step(st, next(data), jax.random.fold_in(key, i))
     else:
-        replay = (0.0 if method == "seed_noreplay" else
-                  cfg.low_replay_fraction if method.endswith("_low") else cfg.replay_fraction)
-        scfg = seeding_config(cfg, method)
+        scfg = plan.seeding
         sstep = seeding.make_seeding_step(scfg, state, ctx.mesh, eos_id=ctx.ids["eos"],
                                           pad_id=ctx.ids["pad"])
         tg, ts = nnx.split(base)
-        data = seeding_batches(ctx, replay, rng)
+        data = seeding_batches(ctx, plan.replay, rng)
         jmask = None if mask is None else jax.tree.map(jnp.asarray, mask)
         imitate = None
         if scfg.alpha < 1:
@@ -193,41 +233,26 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
             imit = None if imitate is None else imitate(st, tg, ts, batch,
                                                         jax.random.fold_in(k, 1))
             return sstep(st, tg, ts, batch, k, jmask, imit)
+    kinds = ("memory",) if plan.replay == 0 else ("memory", "replay")
+    names = [f"{a}_{k}_rows" for a in ("gate", "expert_rms") for k in kinds]
     bar = tqdm(range(steps), desc=f"sleep: {method}", mininterval=2, leave=False)
     for i in bar:
         t0 = time.perf_counter()
         state, m = run(state, i)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
-        if "gate_memory_rows" in m:
-            gates.append([float(m[f"{a}_{b}_rows"]) for a in ("gate", "expert_rms")
-                          for b in ("memory", "replay")])
+        if "gate_memory_rows" in m:  # device scalars; read once at the end
+            activity.append([m[n] for n in names])
         if (i + 1) % cfg.eval_every == 0 or i == steps - 1:
             curve.append((i + 1, evaluate_curve(state.model())))
             bar.set_postfix(loss=f"{float(m['loss']):.3f}", new_near=f"{curve[-1][1]:.2f}")
     steady = float(np.median(times[2:])) if len(times) > 3 else float(np.mean(times))
     out = {"model": state.model(), "curve": curve, "step_s": steady,
            "compile_s": float(times[0])}
-    if gates:  # expert activity over the last tenth of the steps, per row kind
-        tail = np.asarray(gates[-max(1, len(gates) // 10):]).mean(0)
-        out["experts"] = {"gate_memory_rows": tail[0], "gate_replay_rows": tail[1],
-                          "rms_memory_rows": tail[2], "rms_replay_rows": tail[3]}
-        if method == "seed_noreplay":  # no replay rows: nothing was measured there
-            out["experts"] = {k: v for k, v in out["experts"].items() if "replay" not in k}
+    if activity:  # expert activity over the last tenth of the steps, per row kind
+        tail = np.asarray(jax.device_get(activity[-max(1, len(activity) // 10):])).mean(0)
+        out["experts"] = {n.replace("expert_rms", "rms"): float(v) for n, v in zip(names, tail)}
     return out
-
-
-def seeding_config(cfg, method: str) -> seeding.SeedingConfig:
-    """The SeedingConfig of a demo method (defaults; gated methods add the gate cost,
-    ``sleep_imitate`` mixes in Learning to Imitate)."""
-    kw = {}
-    if "gated" in method:
-        kw["gate_l1"] = cfg.gate_l1
-    if "sparse" in method:
-        kw["expert_l1"] = cfg.expert_l1
-    if method == "sleep_imitate":
-        kw["alpha"] = cfg.imitation_alpha
-    return seeding.SeedingConfig(**kw)
 
 
 def sft_step_time(ctx: Ctx, base: nnx.Module, n: int = 12) -> float:
