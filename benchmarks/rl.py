@@ -28,12 +28,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from sleep_jax.config import OptimConfig  # noqa: E402
 from sleep_jax.mesh import make_mesh  # noqa: E402
 from sleep_jax.models import create_model, get_preset, param_count  # noqa: E402
 from sleep_jax.rl import RLConfig, make_rollout, rest_em_batch, with_rewards  # noqa: E402
 from sleep_jax.rl.update import make_update  # noqa: E402
-from sleep_jax.train.optim import make_optimizer  # noqa: E402
+from sleep_jax.train.optim import OptimConfig, make_optimizer  # noqa: E402
 from sleep_jax.train.state import create_train_state, fresh_copy  # noqa: E402
 from sleep_jax.train.step import make_train_step  # noqa: E402
 

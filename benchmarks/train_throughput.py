@@ -83,10 +83,9 @@ def peak_memory_gb() -> float | None:
 def bench_jax(cfg, mesh_spec: str, B: int, T: int, steps: int, warmup: int, micro: int) -> dict:
     from flax import nnx
 
-    from sleep_jax.config import OptimConfig
     from sleep_jax.mesh import make_mesh, mesh_name
     from sleep_jax.models import Decoder
-    from sleep_jax.train.optim import make_optimizer
+    from sleep_jax.train.optim import OptimConfig, make_optimizer
     from sleep_jax.train.state import create_sharded_train_state
     from sleep_jax.train.step import make_train_step
 

@@ -6,7 +6,9 @@ Presets: tiny (CPU demo/tests, built-in text), smollm2_135m, llama_1b, llama_1p1
 
 import ml_collections
 
-from sleep_jax.config import DataConfig, OptimConfig, TrainConfig, model_section, section
+from sleep_jax.config import DataConfig, model_section, section
+from sleep_jax.train.optim import OptimConfig
+from sleep_jax.train.trainer import TrainConfig
 
 _PRESETS = {
     "tiny": dict(model={}, mesh="fsdp=-1",

@@ -34,45 +34,6 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with linear warmup + cosine decay and global-norm clipping.
-
-    lr(t) = peak * t / warmup for t < warmup, then
-    lr(t) = end + (peak - end) * (1 + cos(pi * (t - warmup) / (decay - warmup))) / 2,
-    with end = peak * end_lr_ratio and decay = decay_steps (0: the run's length).
-    """
-
-    lr: float = 3e-3
-    warmup_steps: int = 10
-    decay_steps: int = 0
-    end_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0  # 0 disables clipping
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The training loop: sizes, cadence of logs/evals/checkpoints, the NaN guard."""
-
-    steps: int = 200
-    batch_size: int = 8  # global batch B (split into micro_batches sequential micro-batches)
-    seq_len: int = 64  # T
-    micro_batches: int = 1
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 0  # 0: no periodic eval
-    eval_batches: int = 2
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    async_checkpoints: bool = True
-    max_consecutive_skips: int = 5  # stop after this many non-finite steps in a row
-    progress_bar: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where text comes from and how it becomes batches (see sleep_jax.data)."""
 
@@ -96,11 +57,15 @@ def _dataclass_from(cls, cd: ml_collections.ConfigDict | dict, where: str):
     return cls(**d)
 
 
-def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
+def optim_config(config: ml_collections.ConfigDict):
+    from sleep_jax.train.optim import OptimConfig
+
     return _dataclass_from(OptimConfig, config.optim, "optim")
 
 
-def train_config(config: ml_collections.ConfigDict) -> TrainConfig:
+def train_config(config: ml_collections.ConfigDict):
+    from sleep_jax.train.trainer import TrainConfig
+
     return _dataclass_from(TrainConfig, config.train, "train")
 
 

@@ -18,7 +18,6 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sleep_jax.config import OptimConfig
 from sleep_jax.data import world as worldlib
 from sleep_jax.data.pipeline import make_dataset
 from sleep_jax.data.tokenizers import special_ids, word_level_tokenizer
@@ -29,7 +28,7 @@ from sleep_jax.grow import activate_slot, grow_model
 from sleep_jax.mesh import make_mesh
 from sleep_jax.models import ModelConfig, create_model
 from sleep_jax.models.checkpoint_dir import save_checkpoint
-from sleep_jax.train.optim import make_optimizer
+from sleep_jax.train.optim import OptimConfig, make_optimizer
 from sleep_jax.train.state import create_train_state, fresh_copy
 from sleep_jax.train.step import make_train_step
 

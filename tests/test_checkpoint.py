@@ -15,10 +15,9 @@ import pytest
 from flax import nnx
 
 from sleep_jax.checkpoint import Checkpointer
-from sleep_jax.config import OptimConfig
 from sleep_jax.mesh import make_mesh
 from sleep_jax.models import Decoder, get_preset
-from sleep_jax.train.optim import make_optimizer
+from sleep_jax.train.optim import OptimConfig, make_optimizer
 from sleep_jax.train.state import abstract_train_state, create_sharded_train_state
 from sleep_jax.train.step import make_eval_step, make_train_step
 from sleep_jax.train.trainer import read_metrics

@@ -7,8 +7,6 @@ import pytest
 
 from sleep_jax.config import (
     ConfigError,
-    OptimConfig,
-    TrainConfig,
     apply_override,
     config_diff,
     load_config_file,
@@ -18,6 +16,8 @@ from sleep_jax.config import (
     train_config,
     write_run_config,
 )
+from sleep_jax.train.optim import OptimConfig
+from sleep_jax.train.trainer import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "configs", "train.py")

@@ -10,13 +10,12 @@ import optax
 import pytest
 from flax import nnx
 
-from sleep_jax.config import OptimConfig, TrainConfig
 from sleep_jax.mesh import make_mesh
 from sleep_jax.models import Decoder
-from sleep_jax.train.optim import lr_schedule, make_optimizer
+from sleep_jax.train.optim import OptimConfig, lr_schedule, make_optimizer
 from sleep_jax.train.state import create_train_state, train_state_shardings
 from sleep_jax.train.step import accumulate_gradients, lm_loss, make_train_step
-from sleep_jax.train.trainer import constant_batches, fit, read_metrics
+from sleep_jax.train.trainer import TrainConfig, constant_batches, fit, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T = 8, 16

@@ -59,12 +59,11 @@ def main() -> int:
 
     from flax import nnx
 
-    from sleep_jax.config import OptimConfig, TrainConfig
     from sleep_jax.mesh import make_mesh
     from sleep_jax.models import Decoder, get_preset
-    from sleep_jax.train.optim import make_optimizer
+    from sleep_jax.train.optim import OptimConfig, make_optimizer
     from sleep_jax.train.state import create_sharded_train_state
-    from sleep_jax.train.trainer import fit
+    from sleep_jax.train.trainer import TrainConfig, fit
 
     cfg = get_preset("tiny", layers=1, vocab=64)
     tcfg = TrainConfig(steps=a.steps, batch_size=8, seq_len=16, checkpoint_every=3,

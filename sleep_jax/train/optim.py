@@ -5,10 +5,31 @@ AdamW: Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (arXiv 1711.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import optax
 
-from sleep_jax.config import OptimConfig
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup + cosine decay and global-norm clipping.
+
+    lr(t) = peak * t / warmup for t < warmup, then
+    lr(t) = end + (peak - end) * (1 + cos(pi * (t - warmup) / (decay - warmup))) / 2,
+    with end = peak * end_lr_ratio and decay = decay_steps (0: the run's length).
+    """
+
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    decay_steps: int = 0
+    end_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

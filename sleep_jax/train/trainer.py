@@ -26,12 +26,30 @@ import jax
 import numpy as np
 
 from sleep_jax.checkpoint import Checkpointer
-from sleep_jax.config import OptimConfig, TrainConfig
-from sleep_jax.train.optim import lr_schedule
+from sleep_jax.train.optim import OptimConfig, lr_schedule
 from sleep_jax.train.state import TrainState
 from sleep_jax.train.step import LossFn, lm_loss, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: sizes, cadence of logs/evals/checkpoints, the NaN guard."""
+
+    steps: int = 200
+    batch_size: int = 8  # global batch B (split into micro_batches sequential micro-batches)
+    seq_len: int = 64  # T
+    micro_batches: int = 1
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: no periodic eval
+    eval_batches: int = 2
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    max_consecutive_skips: int = 5  # stop after this many non-finite steps in a row
+    progress_bar: bool = True
 
 
 @dataclasses.dataclass
