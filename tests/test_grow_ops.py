@@ -12,7 +12,16 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sleep_jax.grow import GrowOptions, activate_slot, grow, grown_config, reset_slots
+from sleep_jax.grow import (
+    GrowOptions,
+    SlotsExhausted,
+    activate_slot,
+    grow,
+    grown_config,
+    next_free_slot,
+    reset_slots,
+    used_slots,
+)
 from sleep_jax.mesh import make_mesh
 from sleep_jax.models import Decoder, ModelConfig, create_model, state_shardings
 from sleep_jax.train.loss import cross_entropy
@@ -176,6 +185,53 @@ def test_expert_slot_activate_train_reset(source):
     off = reset_slots(new, 1, 0)
     assert bool(jnp.all(fwd(off.model(), tokens, positions) == source["ref"]))
     assert not np.any(np.asarray(off.params["blocks"]["expert_b"][...]))
+
+
+def test_slots_are_never_handed_out_twice(source):
+    """Slot 0 activated and trained: next_free_slot is 1, activating 0 again is refused,
+    activating slot 1 leaves slot 0's A/B bitwise and the output unchanged (slot 1 has B = 0);
+    a slot on in one layer only counts as used; all used -> SlotsExhausted; overwrite=True
+    re-initialises on purpose."""
+    grown, _ = _grown(source, "experts")  # E = 2, both off
+    fwd, tokens, positions = source["fwd"], source["tokens"], source["positions"]
+    model = grown.model()
+    assert used_slots(model) == [] and next_free_slot(model) == 0
+    model, _ = activate_slot(model, None, 0, jax.random.key(3))
+    rng = np.random.default_rng(0)
+    b = np.asarray(model.blocks.expert_b[...]).copy()
+    b[:, 0] = rng.normal(0, 0.3, b[:, 0].shape)  # stands for a trained slot 0
+    model.blocks.expert_b[...] = jnp.asarray(b)
+    a0 = np.asarray(model.blocks.expert_a[...])[:, 0].copy()
+    b0 = b[:, 0].copy()
+    trained_out = fwd(model, tokens, positions)
+    assert float(jnp.max(jnp.abs(trained_out - source["ref"]))) > 1e-3  # slot 0 matters
+    assert used_slots(model) == [0] and next_free_slot(model) == 1
+    with pytest.raises(ValueError, match=r"slot 0 is already on .*erasing.*Free slots: \[1\]"):
+        activate_slot(model, None, 0, jax.random.key(4))
+    model, mask = activate_slot(model, None, 1, jax.random.key(5))
+    np.testing.assert_array_equal(np.asarray(model.blocks.expert_a[...])[:, 0], a0)
+    np.testing.assert_array_equal(np.asarray(model.blocks.expert_b[...])[:, 0], b0)
+    assert not np.any(np.asarray(model.blocks.expert_b[...])[:, 1])
+    assert bool(jnp.all(fwd(model, tokens, positions) == trained_out))
+    m = np.asarray(mask["blocks"]["expert_b"][...])
+    assert m[:, 1].all() and not m[:, 0].any()
+    assert used_slots(model) == [0, 1]
+    with pytest.raises(SlotsExhausted, match="all 2 expert slot.*larger expert_slots"):
+        next_free_slot(model)
+    assert issubclass(SlotsExhausted, ValueError)
+    # overwrite=True re-draws A and zeroes B of a used slot: the first slot's training is gone
+    again, _ = activate_slot(model, None, 0, jax.random.key(6), overwrite=True)
+    assert not np.any(np.asarray(again.blocks.expert_b[...])[:, 0])
+    assert not np.array_equal(np.asarray(again.blocks.expert_a[...])[:, 0], a0)
+    # a slot on in one layer only is used; a train state is read like a model
+    state, _ = activate_slot(grown, [1], 1, jax.random.key(7))
+    assert used_slots(state) == [1] and next_free_slot(state) == 0
+    with pytest.raises(ValueError, match="slot 1 is already on \\(layers \\[1\\]\\)"):
+        activate_slot(state, [0], 1, jax.random.key(8))
+    with pytest.raises(ValueError, match="out of range for 2 slots"):
+        activate_slot(state, None, 2, jax.random.key(8))
+    with pytest.raises(ValueError, match="no expert slots"):
+        next_free_slot(source["state"])
 
 
 COMPOSED = dict(layers=3, embed=32, mlp=48, heads=8, kv_heads=4, expert_slots=2)

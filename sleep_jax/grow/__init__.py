@@ -14,9 +14,15 @@ from sleep_jax.grow.api import (
     grown_config,
     plan_growth,
 )
-from sleep_jax.grow.experts import activate_slot, reset_slots
+from sleep_jax.grow.experts import (
+    SlotsExhausted,
+    activate_slot,
+    next_free_slot,
+    reset_slots,
+    used_slots,
+)
 from sleep_jax.grow.spec import GrowOptions, check_growth, parse_overrides, target_config
 
-__all__ = ["GrowOptions", "activate_slot", "check_growth", "compile_growth", "grow",
-           "grow_arrays", "grow_model", "grown_config", "parse_overrides", "plan_growth",
-           "reset_slots", "target_config"]
+__all__ = ["GrowOptions", "SlotsExhausted", "activate_slot", "check_growth", "compile_growth", "grow",
+           "grow_arrays", "grow_model", "grown_config", "next_free_slot", "parse_overrides",
+           "plan_growth", "reset_slots", "target_config", "used_slots"]

@@ -12,6 +12,12 @@ layers with random A and B = 0 (still bitwise exact: B_e(.) = 0) and returns a t
 that marks only that slot's A and B entries, so seeding trains only the new expert;
 ``reset_slots`` turns slots off again (the paper resets the fast block's experts after
 seeding). Off (E = 0) the model has no expert parameters and no cost.
+
+Slots are allocated once (growth 0 -> E, all off; static shapes, so later sleeps compile the
+same programs) and each sleep trains the next free one: ``used_slots`` lists the slots that are
+on in any layer, ``next_free_slot`` the lowest slot that is off in every layer (raising
+``SlotsExhausted`` when none is left), and ``activate_slot`` refuses a slot that is already on
+(it would re-draw A and zero B, erasing what that slot learned) unless ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,68 @@ from flax import nnx
 from sleep_jax.grow.axismap import AxisPlan, embed_role, key_for
 from sleep_jax.grow.flat import axes_of, flatten, is_var, rebuild
 from sleep_jax.models.config import ModelConfig
+
+
+class SlotsExhausted(ValueError):
+    """Every expert slot is on: a new expert needs a free slot (reset one, or grow more)."""
+
+
+def _slot_mask(model_or_state) -> np.ndarray:
+    """Which (layer, slot) pairs are on, [L, E] bool on the host, for a model or TrainState.
+
+    Reads the non-trainable variables with both ``layers`` and ``expert`` axes (the SlotMask).
+    """
+    if isinstance(model_or_state, nnx.Module):
+        other = nnx.split(model_or_state, nnx.Param, ...)[2]
+    elif hasattr(model_or_state, "other"):
+        other = model_or_state.other
+    else:
+        raise TypeError(f"expected an NNX model or a TrainState, got "
+                        f"{type(model_or_state).__name__}")
+    masks = [v for v in flatten(other).values() if _has_slots(v)]
+    if not masks:
+        raise ValueError("the model has no expert slots (ModelConfig.expert_slots=0); grow "
+                         "with expert_slots=E first")
+    on = None
+    for v in masks:
+        x = v[...]
+        if isinstance(x, jax.core.Tracer):
+            raise ValueError("expert slot use is read from concrete SlotMask values; call "
+                             "used_slots / next_free_slot / activate_slot outside jax.jit "
+                             "(or pass overwrite=True to activate_slot to skip the check)")
+        axes = axes_of(v)
+        x = np.moveaxis(np.asarray(x) != 0, [axes.index("layers"), axes.index("expert")],
+                        [0, 1])
+        x = x.reshape(x.shape[0], x.shape[1], -1).any(axis=2)
+        on = x if on is None else on | x
+    return on
+
+
+def used_slots(model_or_state) -> list[int]:
+    """Slot indices that are on (SlotMask != 0) in at least one layer, ascending.
+
+    A slot on in any layer holds (or is being given) a trained expert and is never handed out
+    again by ``next_free_slot``.
+    """
+    return np.flatnonzero(np.any(_slot_mask(model_or_state), axis=0)).tolist()
+
+
+def next_free_slot(model_or_state) -> int:
+    """The lowest slot index whose SlotMask is 0 in every layer.
+
+    Raises:
+      SlotsExhausted: all E slots are used.
+      ValueError: the model has no expert slots.
+    """
+    mask = _slot_mask(model_or_state)
+    free = np.flatnonzero(~np.any(mask, axis=0))
+    if free.size == 0:
+        E = mask.shape[1]
+        raise SlotsExhausted(
+            f"all {E} expert slot(s) are used (on in some layer: {list(range(E))}); a new "
+            f"expert needs a free slot: let the sleep cycle's policy reset one (reset_slots) "
+            f"or allocate more with a larger expert_slots (grow expert_slots={E} -> more)")
+    return int(free[0])
 
 
 def expert_plans(src: ModelConfig, dst: ModelConfig) -> list[AxisPlan]:
@@ -111,19 +179,41 @@ def _set_slots(params, other, opt_state, layers, slots, rng, std, on: bool):
 
 
 def activate_slot(state, layers: int | Sequence[int] | None, slot: int, rng: jax.Array, *,
-                  std: float = 0.02):
+                  std: float = 0.02, overwrite: bool = False):
     """Turn expert ``slot`` on in ``layers`` (None: all): mask 1, A random, B = 0 (exact).
+
+    A slot that is already on in any layer is refused (activating it would re-draw its A and
+    zero its B, erasing what it learned) unless ``overwrite=True``; use ``next_free_slot`` to
+    pick the slot.
 
     Args:
       state: a ``TrainState`` or an NNX model with expert slots.
       layers: layer index, indices, or None for every layer.
       slot: the slot index e in [0, E).
       rng: key for the new A_e [D, R] ~ N(0, std^2).
+      overwrite: allow re-initialising a slot that is on (its trained weights are lost).
     Returns:
       (state, trainable_mask): the same kind of object as ``state``, and a pytree like its
       params of bool arrays that marks only A[layers, slot] and B[layers, slot] (scalars False
       elsewhere); the slot's optimizer moments start at zero.
+    Raises:
+      ValueError: ``slot`` is already on (without ``overwrite``), or is not an int in [0, E).
     """
+    if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)):
+        raise ValueError(f"activate_slot: slot must be one int index, got {slot!r}")
+    if not overwrite:
+        mask = _slot_mask(state)
+        E = mask.shape[1]
+        if not -E <= slot < E:
+            raise ValueError(f"expert slot index {slot} out of range for {E} slots")
+        on = np.flatnonzero(mask[:, slot])
+        if on.size:
+            free = [e for e in range(E) if not mask[:, e].any()]
+            raise ValueError(
+                f"expert slot {slot} is already on (layers {on.tolist()}); activating it again "
+                f"would re-draw its A and zero its B, erasing what it learned. Free slots: "
+                f"{free or 'none'} (next_free_slot picks one); pass overwrite=True to "
+                f"re-initialise it on purpose")
     return _apply(state, layers, slot, rng, std, on=True)
 
 
