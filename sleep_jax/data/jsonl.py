@@ -22,8 +22,11 @@ texts (plain text for language-model training)::
 
 A bad line stops reading with a `JsonlError` that names the file, the line number and what is
 wrong (invalid JSON, not an object, missing key, wrong type, empty value, duplicate id, unknown
-memory id). `write_jsonl` writes through a temporary file and `os.replace`, so a reader never sees
-a half-written file, even when writing fails part way.
+memory id). A file with no records (empty, or blank lines only) is a `JsonlError` too ("memories
+file X has no records"), as are probes read against an empty set of memory ids. The files hold
+text only; token ids are made (and checked against the model's vocabulary) by the tokenizer
+layer. `write_jsonl` writes through `sleep_jax.atomic.atomic_open` (a temporary file and
+`os.replace`), so a reader never sees a half-written file, even when writing fails part way.
 """
 
 from __future__ import annotations
@@ -31,17 +34,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, NoReturn, TypeVar
 
+from sleep_jax.atomic import atomic_open
+
 
 class JsonlError(ValueError):
-    """A line of a JSONL file that does not follow its format."""
+    """A line of a JSONL file that does not follow its format (line None: the whole file)."""
 
-    def __init__(self, path: str, line: int, message: str):
+    def __init__(self, path: str, line: int | None, message: str):
         self.path, self.line = path, line
-        super().__init__(f"{path}:{line}: {message}")
+        super().__init__(f"{path}: {message}" if line is None else f"{path}:{line}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +97,11 @@ def _field(obj: Mapping[str, Any], key: str, kind: type, line: _Line) -> Any:
     return value
 
 
-def _read(path: str | os.PathLike, parse: Callable[[dict, _Line], _R]) -> list[_R]:
-    """Reads `path` line by line, giving each JSON object and its `_Line` to `parse`."""
+def _read(path: str | os.PathLike, parse: Callable[[dict, _Line], _R], kind: str) -> list[_R]:
+    """Reads `path` line by line, giving each JSON object and its `_Line` to `parse`.
+
+    `kind` ("memories", "probes", "texts") names the file when it holds no records.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"JSONL file not found: {path!r}")
@@ -112,6 +119,9 @@ def _read(path: str | os.PathLike, parse: Callable[[dict, _Line], _R]) -> list[_
             if not isinstance(obj, dict):
                 line.fail(f"expected a JSON object, got {type(obj).__name__}")
             records.append(parse(obj, line))
+    if not records:
+        raise JsonlError(path, None, f"{kind} file {path!r} has no records (it is empty or "
+                                     "holds only blank lines; expected one JSON object per line)")
     return records
 
 
@@ -126,7 +136,7 @@ def read_memories(path: str | os.PathLike) -> list[Memory]:
         seen[memory.id] = line.number
         return memory
 
-    return _read(path, parse)
+    return _read(path, parse, "memories")
 
 
 def read_probes(
@@ -136,9 +146,13 @@ def read_probes(
 
     Args:
       path: the file.
-      memory_ids: when given, every probe's `memory_id` must be one of these.
+      memory_ids: when given, every probe's `memory_id` must be one of these (an empty
+        collection is refused: there is nothing a probe could refer to).
     """
     known = None if memory_ids is None else set(memory_ids)
+    if known is not None and not known:
+        raise ValueError(f"read_probes({os.fspath(path)!r}): memory_ids is empty, so no probe "
+                         "can name a memory; read a memories file with at least one record")
 
     def parse(obj: dict, line: _Line) -> Probe:
         memory_id = _field(obj, "memory_id", str, line)
@@ -153,12 +167,12 @@ def read_probes(
                 line.fail(f"answers[{i}] must be a non-empty string, got {answer!r}")
         return Probe(memory_id, question, tuple(answers))
 
-    return _read(path, parse)
+    return _read(path, parse, "probes")
 
 
 def read_texts(path: str | os.PathLike) -> list[Text]:
     """Reads a texts file: lines `{"text": str}`."""
-    return _read(path, lambda obj, line: Text(_field(obj, "text", str, line)))
+    return _read(path, lambda obj, line: Text(_field(obj, "text", str, line)), "texts")
 
 
 def _to_json(record: Any) -> Any:
@@ -172,28 +186,17 @@ def _to_json(record: Any) -> Any:
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
     """Writes records (dataclasses or dicts) one JSON object per line, atomically.
 
-    The lines go to a temporary file in the same directory, which replaces `path` only once all
-    records are written and flushed; if anything fails (including the `records` iterator), the
-    temporary file is removed and `path` is left as it was.
+    The lines go to a temporary file in the same directory (`sleep_jax.atomic.atomic_open`),
+    which replaces `path` only once all records are written and flushed; if anything fails
+    (including the `records` iterator), the temporary file is removed and `path` is left as it
+    was.
 
     Returns:
       The number of records written.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(_to_json(record), ensure_ascii=False) + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path) as f:
+        for record in records:
+            f.write(json.dumps(_to_json(record), ensure_ascii=False) + "\n")
+            count += 1
     return count

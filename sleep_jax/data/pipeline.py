@@ -28,6 +28,11 @@ Each batch is a dict of numpy arrays:
 Multi-host: each process (jax.process_index() of jax.process_count()) reads examples
 `i::count`, a disjoint slice; slices differ by at most one example and packing can give hosts
 different numbers of rows, so lockstep training should use num_epochs=None and stop by steps.
+
+Token ids: every encoded example is checked to lie in [0, vocab) on the host (`vocab` = the
+model's vocabulary size; by default the tokenizer's own size), so a tokenizer larger than the
+model stops the pipeline with a `TokenIdError` naming the example, the id and the vocabulary
+size, instead of NaN logits for the rows that hold it.
 """
 
 from __future__ import annotations
@@ -41,7 +46,13 @@ import grain
 import numpy as np
 from tokenizers import Tokenizer
 
-from sleep_jax.data.tokenizers import DEFAULT_SPECIALS, special_ids
+from sleep_jax.data.tokenizers import (
+    DEFAULT_SPECIALS,
+    check_token_ids,
+    check_vocab_size,
+    special_ids,
+    tokenizer_vocab_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +96,24 @@ class Encode:
 
     Sequences longer than seq_len + 1 tokens (n > seq_len) are cut to their first seq_len + 1
     tokens (too_long="truncate", logged with a running count) or raise (too_long="error").
+    Every id must lie in [0, vocab) (`vocab`: the model's vocabulary size, default the
+    tokenizer's size); one outside raises `TokenIdError` naming the example, the id and vocab.
     """
 
     def __init__(self, tokenizer: Tokenizer, seq_len: int, *, add_bos: bool = True,
                  too_long: Literal["truncate", "error"] = "truncate",
-                 specials: Sequence[str] = DEFAULT_SPECIALS):
+                 specials: Sequence[str] = DEFAULT_SPECIALS, vocab: int | None = None):
         if too_long not in ("truncate", "error"):
             raise ValueError(f"too_long must be 'truncate' or 'error', got {too_long!r}")
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         ids = special_ids(tokenizer, specials)
+        self.vocab = (tokenizer_vocab_size(tokenizer) if vocab is None
+                      else check_vocab_size(vocab))
         self.tokenizer, self.seq_len, self.too_long = tokenizer, seq_len, too_long
         self.bos, self.eos = (ids["bos"] if add_bos else None), ids["eos"]
+        check_token_ids([ids["bos"], ids["eos"]], self.vocab,
+                        where=f"special ids (bos {specials[1]!r}, eos {specials[2]!r})")
         self.num_truncated = 0
 
     def _ids(self, text: str) -> list[int]:
@@ -126,18 +143,33 @@ class Encode:
                                "tokens)", self.num_truncated, self.seq_len, len(seq) - 1)
             seq = seq[: self.seq_len + 1]
         seq = np.asarray(seq, np.int32)
+        check_token_ids(seq, self.vocab, where=f"example {str(example)[:80]!r}")
         # Target j is seq[j + 1]; it is a completion token when j + 1 >= prompt_len.
         loss_mask = (np.arange(1, len(seq)) >= prompt_len).astype(np.int32)
         return {"inputs": seq[:-1], "targets": seq[1:], "loss_mask": loss_mask}
 
 
-def pad_batch(segments: Sequence[dict[str, np.ndarray]], length: int) -> dict[str, np.ndarray]:
+def pad_batch(segments: Sequence[dict[str, np.ndarray]], length: int, *,
+              vocab: int | None = None) -> dict[str, np.ndarray]:
     """Right-pads encoded examples to one row each (B = len(segments), T = length).
+
+    Args:
+      segments: dicts with "inputs", "targets", "loss_mask" (as `Encode` returns).
+      length: T; every segment must fit.
+      vocab: when given, every input and target id must lie in [0, vocab) (`TokenIdError`
+        naming the segment, the id and vocab otherwise); segments from `Encode` are already
+        checked.
 
     Returns:
       The batch dict (see the module docstring), one segment per row.
     """
     b = len(segments)
+    for row, seg in enumerate(segments):
+        if len(seg["inputs"]) > length:
+            raise ValueError(f"segment {row} has {len(seg['inputs'])} tokens > length {length}")
+        if vocab is not None:
+            for k in ("inputs", "targets"):
+                check_token_ids(seg[k], vocab, where=f"segment {row} {k}")
     out = {k: np.zeros((b, length), np.int32) for k in ("inputs", "targets", "positions",
                                                          "segment_ids", "loss_mask")}
     for row, seg in enumerate(segments):
@@ -190,6 +222,7 @@ def make_dataset(
     shard: tuple[int, int] | None = None,
     specials: Sequence[str] = DEFAULT_SPECIALS,
     read_options: grain.ReadOptions | None = None,
+    vocab: int | None = None,
 ) -> grain.IterDataset:
     """Builds the batch pipeline described in the module docstring.
 
@@ -212,6 +245,9 @@ def make_dataset(
       specials: the tokenizer's (pad, bos, eos, unk) strings.
       read_options: grain's reader threads and prefetch buffer; the default (1 thread, 16
         elements ahead) suits small in-memory data; raise both for large sources.
+      vocab: the model's vocabulary size V: every token id must lie in [0, V) (`TokenIdError`
+        naming the example, the id and V otherwise). Default: the tokenizer's own size; pass the
+        model's `config.vocab` so a tokenizer larger than the model is caught.
 
     Returns:
       A `grain.IterDataset` of batch dicts: inputs, targets, positions, segment_ids [B,T] int32;
@@ -234,7 +270,8 @@ def make_dataset(
         # grain's default (16 threads, 500 elements ahead) would tokenize hundreds of batches
         # on every new iterator, which costs more than it saves for small data.
         read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
-    encode = Encode(tokenizer, seq_len, add_bos=add_bos, too_long=too_long, specials=specials)
+    encode = Encode(tokenizer, seq_len, add_bos=add_bos, too_long=too_long, specials=specials,
+                    vocab=vocab)
 
     ds = grain.MapDataset.source(examples)
     if count > 1:

@@ -9,6 +9,11 @@ Word level: the pre-tokenizer marks word starts with "▁" (SentencePiece's Meta
 punctuation into its own tokens, so `decode(encode(x)) == x` for ordinary single-spaced text
 ("Where is Paris?" -> ["▁Where", "▁is", "▁Paris", "?"]). Newlines are tokens of their own. Words
 not seen when the vocabulary was built map to `<unk>`.
+
+Token ids outside [0, vocab) are refused on the host, where data enters (`check_token_ids`):
+on the device an id >= vocab reads a NaN embedding row (`jnp.take` fills out-of-range reads)
+and an id < 0 wraps around, both silently. The pipeline, probe evaluation, the CLI prompts and
+checkpoint loading all call it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,70 @@ DEFAULT_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 _SPECIAL_ROLES = ("pad", "bos", "eos", "unk")
 _SPACE = "\u2581"  # "▁", SentencePiece's word-start marker.
 TOKENIZER_FILE = "tokenizer.json"
+
+
+class TokenIdError(ValueError):
+    """A token id outside [0, vocab); names where it was found, the id and the vocabulary size."""
+
+    def __init__(self, where: str, token_id: int, index, vocab: int):
+        self.where, self.token_id, self.index, self.vocab = where, token_id, index, vocab
+        why = ("negative ids are never valid" if token_id < 0 else
+               f"the largest valid id is {vocab - 1}; was the text encoded with a tokenizer "
+               "larger than the model's vocabulary?")
+        at = "" if index is None else f" at index {index}"
+        super().__init__(f"{where}: token id {token_id}{at} is outside the vocabulary of size "
+                         f"{vocab} (allowed: 0 <= id < {vocab}; {why})")
+
+
+def check_vocab_size(vocab, what: str = "vocab") -> int:
+    """`vocab` as an int after checking it is a positive integer (ValueError otherwise)."""
+    if isinstance(vocab, bool) or not isinstance(vocab, (int, np.integer)) or vocab < 1:
+        raise ValueError(f"{what} must be a positive integer (the vocabulary size), got "
+                         f"{vocab!r}")
+    return int(vocab)
+
+
+def check_token_ids(ids, vocab: int, *, where: str = "token ids") -> None:
+    """Raises `TokenIdError` unless every id in `ids` lies in [0, vocab).
+
+    Call it on the host wherever token ids enter (encoded text, prompts, special ids): inside a
+    jitted model an id >= vocab gives NaN logits and an id < 0 wraps around, without an error.
+
+    Args:
+      ids: an int, a sequence of ints, an integer array of any shape, or a sequence of such
+        sequences (ragged rows are checked row by row).
+      vocab: the vocabulary size V of the model the ids are for.
+      where: what the ids are (e.g. "prompt 3 'Where ...'"), named in the error.
+
+    Raises:
+      TokenIdError (a ValueError) naming `where`, the first offending id, its index and V;
+      TypeError when `ids` are not integers; ValueError when `vocab` is not a positive int.
+    """
+    vocab = check_vocab_size(vocab)
+    try:
+        arr = np.asarray(ids)
+    except ValueError:  # ragged nested sequences (numpy >= 1.24 refuses them)
+        arr = None
+    if arr is None or arr.dtype == object:
+        for i, row in enumerate(ids):
+            check_token_ids(row, vocab, where=f"{where}[{i}]")
+        return
+    if arr.size == 0:
+        return
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{where}: token ids must be integers, got dtype {arr.dtype} "
+                        f"(e.g. {arr.reshape(-1)[0]!r})")
+    bad = (arr < 0) | (arr >= vocab)
+    if bad.any():
+        flat = int(np.argmax(bad.reshape(-1)))
+        index = (flat if arr.ndim == 1 else None if arr.ndim == 0 else
+                 tuple(int(i) for i in np.unravel_index(flat, arr.shape)))
+        raise TokenIdError(where, int(arr.reshape(-1)[flat]), index, vocab)
+
+
+def tokenizer_vocab_size(tok: Tokenizer) -> int:
+    """The number of ids `tok` can produce (its vocabulary including added tokens)."""
+    return int(tok.get_vocab_size(with_added_tokens=True))
 
 
 def _word_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -141,7 +210,8 @@ def special_ids(tok: Tokenizer, specials: Sequence[str] = DEFAULT_SPECIALS) -> d
 
 
 def encode_batch(
-    tok: Tokenizer, texts: Sequence[str], *, bos: int | None = None, eos: int | None = None
+    tok: Tokenizer, texts: Sequence[str], *, bos: int | None = None, eos: int | None = None,
+    vocab: int | None = None,
 ) -> list[np.ndarray]:
     """Encodes texts to int32 id arrays, optionally framed by `bos`/`eos` ids.
 
@@ -150,14 +220,23 @@ def encode_batch(
       texts: B strings.
       bos: id prepended to every sequence, or None.
       eos: id appended to every sequence, or None.
+      vocab: the model's vocabulary size; every id must lie in [0, vocab) (`TokenIdError`
+        otherwise). Default: the tokenizer's own size.
 
     Returns:
       B int32 arrays of varying length.
     """
-    encodings = tok.encode_batch(list(texts), add_special_tokens=False)
+    vocab = tokenizer_vocab_size(tok) if vocab is None else check_vocab_size(vocab)
+    texts = list(texts)
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
     head = [] if bos is None else [bos]
     tail = [] if eos is None else [eos]
-    return [np.asarray(head + e.ids + tail, np.int32) for e in encodings]
+    check_token_ids(head + tail, vocab, where="encode_batch bos/eos ids")
+    out = []
+    for i, e in enumerate(encodings):
+        check_token_ids(e.ids, vocab, where=f"text {i} {texts[i][:60]!r}")
+        out.append(np.asarray(head + e.ids + tail, np.int32))
+    return out
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> str:
