@@ -2,6 +2,11 @@
 
 Closed book: the prompt is the question alone. Open book: the memory is given in context (the
 teacher's level). Shapes are padded to fixed sizes so each model compiles once per shape.
+
+Every prompt's token ids and the bos/eos/pad ids are checked on the host against the model's
+vocabulary (`model.config.vocab`, else the tokenizer's size): an id outside [0, vocab) raises
+`TokenIdError` naming the prompt, the id and the vocabulary size (on the device it would make the
+row's logits NaN and the greedy answer silently token 0).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sleep_jax.data.tokenizers import check_token_ids, check_vocab_size, tokenizer_vocab_size
 from sleep_jax.eval import qa
 from sleep_jax.sampling import generate
 
@@ -21,10 +27,38 @@ def _round_up(n: int, k: int) -> int:
     return max(k, -(-n // k) * k)
 
 
+def model_vocab(model, tokenizer=None) -> int | None:
+    """The vocabulary size ids must fit: ``model.config.vocab`` when the model has one, else the
+    tokenizer's size (None when neither is known)."""
+    vocab = getattr(getattr(model, "config", None), "vocab", None)
+    if vocab is not None:
+        return check_vocab_size(vocab, "model.config.vocab")
+    return None if tokenizer is None else tokenizer_vocab_size(tokenizer)
+
+
+def check_special_ids(vocab: int, **ids: int | None) -> None:
+    """Raises TokenIdError for a special id (bos_id=..., eos_id=..., pad_id=...) outside
+    [0, vocab); None values are skipped."""
+    for name, i in ids.items():
+        if i is not None:
+            check_token_ids(i, vocab, where=name)
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str], *, bos_id: int | None, pad_id: int,
-                   length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded prompt tokens [B,P] and lengths [B] (P rounded up to a multiple of 16)."""
+                   length: int | None = None, vocab: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded prompt tokens [B,P] and lengths [B] (P rounded up to a multiple of 16).
+
+    Every id (bos, pad, each prompt's tokens) must lie in [0, vocab) (default: the tokenizer's
+    size); one outside raises `TokenIdError` naming the prompt, the id and vocab.
+    """
+    if not prompts:
+        raise ValueError("no prompts to encode (got an empty list)")
+    vocab = tokenizer_vocab_size(tokenizer) if vocab is None else check_vocab_size(vocab)
+    check_special_ids(vocab, bos_id=bos_id, pad_id=pad_id)
     ids = [([] if bos_id is None else [bos_id]) + tokenizer.encode(p).ids for p in prompts]
+    for i, x in enumerate(ids):
+        check_token_ids(x, vocab, where=f"prompt {i} {prompts[i][:60]!r}")
     P = length or _round_up(max(len(x) for x in ids), 16)
     out = np.full((len(ids), P), pad_id, np.int32)
     for i, x in enumerate(ids):
@@ -44,9 +78,16 @@ def _greedy(graphdef, state, tokens, lengths, max_new_tokens, eos_id, pad_id):
 
 def answer(model, tokenizer, prompts: Sequence[str], *, bos_id: int | None, eos_id: int,
            pad_id: int = 0, batch_size: int = 256, max_new_tokens: int = 3) -> list[str]:
-    """Greedy answers (decoded, EOS dropped) to ``prompts``, in order."""
+    """Greedy answers (decoded, EOS dropped) to ``prompts``, in order.
+
+    Token ids are checked against ``model.config.vocab`` first (`TokenIdError`, see the module
+    docstring).
+    """
+    vocab = model_vocab(model, tokenizer)
+    check_special_ids(vocab, eos_id=eos_id)
+    tokens, lengths = encode_prompts(tokenizer, prompts, bos_id=bos_id, pad_id=pad_id,
+                                     vocab=vocab)
     graphdef, state = nnx.split(model)
-    tokens, lengths = encode_prompts(tokenizer, prompts, bos_id=bos_id, pad_id=pad_id)
     n = len(prompts)
     B = min(batch_size, _round_up(n, 8))
     answers = []
@@ -86,10 +127,16 @@ def _kl_sum(base_graphdef, base_state, graphdef, state, tokens, positions, mask)
 
 def kl_to_base(model, base, tokenizer, texts: Sequence[str], *, bos_id: int | None,
                pad_id: int = 0, batch_size: int = 128) -> float:
-    """Mean per-token KL(base || model) of next-token distributions on ``texts``."""
+    """Mean per-token KL(base || model) of next-token distributions on ``texts``.
+
+    Token ids are checked against both models' ``config.vocab`` first (`TokenIdError`).
+    """
+    vocabs = [v for v in (model_vocab(model), model_vocab(base)) if v is not None]
+    vocab = min(vocabs) if vocabs else None
+    tokens, lengths = encode_prompts(tokenizer, texts, bos_id=bos_id, pad_id=pad_id,
+                                     vocab=vocab)
     bg, bs = nnx.split(base)
     g, s = nnx.split(model)
-    tokens, lengths = encode_prompts(tokenizer, texts, bos_id=bos_id, pad_id=pad_id)
     n, T = tokens.shape
     total, count = 0.0, 0.0
     for i in range(0, n, batch_size):

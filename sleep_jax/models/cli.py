@@ -11,7 +11,8 @@ Every command reads or writes the checkpoint directory format of
 ``sleep_jax.models.checkpoint_dir``. ``generate`` prints the completion; ``score`` prints one
 JSON object {"tokens", "token_ids", "logprobs", "sum"} for the completion's tokens given the
 prompt (prompt and completion are tokenized separately, so the completion's tokens are exactly
-the ones scored). Errors in the input exit with status 2 and one line naming the bad value.
+the ones scored). Errors in the input exit with status 2 and one line naming the bad value,
+including a prompt or completion token id outside the model's vocabulary [0, config.vocab).
 """
 
 from __future__ import annotations
@@ -117,8 +118,13 @@ def render_chat(template: str, prompt: str, tokens: dict, tokenizer) -> str:
         bos_token=spell("bos_id"), eos_token=spell("eos_id"))
 
 
-def encode_prompt(tokenizer, text: str, tokens: dict, *, chat: bool) -> list[int]:
-    """Prompt ids: the chat template (with --chat) and a BOS when the model adds one."""
+def encode_prompt(tokenizer, text: str, tokens: dict, *, chat: bool,
+                  vocab: int | None = None) -> list[int]:
+    """Prompt ids: the chat template (with --chat) and a BOS when the model adds one.
+
+    With ``vocab`` (the model's ``config.vocab``) every id must lie in [0, vocab):
+    ``TokenIdError`` (a ValueError) naming the id and vocab otherwise.
+    """
     if tokenizer is None:
         raise ValueError("the checkpoint has no tokenizer.json; text prompts need one")
     if chat:
@@ -132,6 +138,22 @@ def encode_prompt(tokenizer, text: str, tokens: dict, *, chat: bool) -> list[int
         ids = [tokens["bos_id"]] + ids
     if not ids:
         raise ValueError("--prompt encodes to zero tokens; give a non-empty prompt")
+    if vocab is not None:
+        from sleep_jax.data.tokenizers import check_token_ids
+
+        check_token_ids(ids, vocab, where="--prompt")
+    return ids
+
+
+def encode_completion(tokenizer, text: str, *, vocab: int | None = None) -> list[int]:
+    """Completion ids (no specials added), checked against ``vocab`` like ``encode_prompt``."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise ValueError("--completion encodes to zero tokens; give a non-empty completion")
+    if vocab is not None:
+        from sleep_jax.data.tokenizers import check_token_ids
+
+        check_token_ids(ids, vocab, where="--completion")
     return ids
 
 
@@ -174,7 +196,7 @@ def generate_main(argv: list[str]) -> int:
     try:
         model, tokenizer, meta = _load(a.checkpoint, a.mesh)
         tokens = meta["tokens"]
-        ids = encode_prompt(tokenizer, a.prompt, tokens, chat=a.chat)
+        ids = encode_prompt(tokenizer, a.prompt, tokens, chat=a.chat, vocab=model.config.vocab)
     except _ERRORS as e:
         return _fail(p.prog, e)
     from sleep_jax.sampling import generate
@@ -211,10 +233,8 @@ def score_main(argv: list[str]) -> int:
     try:
         model, tokenizer, meta = _load(a.checkpoint, a.mesh)
         tokens = meta["tokens"]
-        ids = encode_prompt(tokenizer, a.prompt, tokens, chat=a.chat)
-        comp = tokenizer.encode(a.completion, add_special_tokens=False).ids
-        if not comp:
-            raise ValueError("--completion encodes to zero tokens; give a non-empty completion")
+        ids = encode_prompt(tokenizer, a.prompt, tokens, chat=a.chat, vocab=model.config.vocab)
+        comp = encode_completion(tokenizer, a.completion, vocab=model.config.vocab)
     except _ERRORS as e:
         return _fail(p.prog, e)
     from sleep_jax.sampling import score
