@@ -13,8 +13,10 @@ A checkpoint directory holds::
                   kept untouched when the directory is written again
 
 Writes are atomic: everything goes to a sibling temporary directory that is renamed into place,
-so a killed process leaves either the old checkpoint or the new one, never half of one. Loading
-checks every array's shape against the config before restoring, and with a mesh each array is
+so a killed process leaves either the old checkpoint or the new one, never half of one (and the
+JSON files are written with ``sleep_jax.atomic``). Loading checks every array's shape against
+the config before restoring, refuses a tokenizer with more tokens than ``model.vocab`` and
+special-token ids outside [0, model.vocab) (saving refuses them too), and with a mesh each array is
 restored straight onto its shard (an abstract tree of ``jax.ShapeDtypeStruct`` with the
 ``NamedSharding`` the logical-axis rules give), so a model larger than one device never exists
 whole on one host. No pickle anywhere: JSON, tokenizer JSON and orbax's tensorstore files.
@@ -34,6 +36,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from sleep_jax.atomic import write_json, write_text
 from sleep_jax.models.config import ModelConfig
 from sleep_jax.models.llama import Decoder
 from sleep_jax.models.sharding import state_shardings
@@ -162,7 +165,7 @@ def infer_tokens(tokenizer) -> dict:
     return out
 
 
-def _check_tokens(tokens: Mapping, where: str) -> dict:
+def _check_tokens(tokens: Mapping, where: str, vocab: int | None = None) -> dict:
     unknown = sorted(set(tokens) - set(TOKEN_FIELDS))
     if unknown:
         raise CheckpointError(f"{where}: unknown token field(s) {unknown}; allowed: "
@@ -174,6 +177,9 @@ def _check_tokens(tokens: Mapping, where: str) -> dict:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             raise CheckpointError(f"{where}: tokens.{k}={v!r} must be a non-negative integer "
                                   f"or null")
+        if v is not None and vocab is not None and v >= vocab:
+            raise CheckpointError(f"{where}: tokens.{k}={v} is outside the model's vocabulary "
+                                  f"(model.vocab={vocab}; allowed ids 0..{vocab - 1})")
     if out["chat_template"] is not None and not isinstance(out["chat_template"], str):
         raise CheckpointError(f"{where}: tokens.chat_template must be a string or null, got "
                               f"{type(out['chat_template']).__name__}")
@@ -184,9 +190,24 @@ def _check_tokens(tokens: Mapping, where: str) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json(path, obj, indent=2, sort_keys=True)
+
+
+def check_tokenizer_fits(tokenizer, vocab: int, where: str) -> None:
+    """CheckpointError unless every id ``tokenizer`` can produce is < ``vocab`` (model.vocab).
+
+    A model may have more rows than its tokenizer has tokens (padded vocabularies), not fewer:
+    an id >= vocab would read no embedding row (NaN logits on the device).
+    """
+    if tokenizer is None:
+        return
+    from sleep_jax.data.tokenizers import tokenizer_vocab_size
+
+    n = tokenizer_vocab_size(tokenizer)
+    if n > vocab:
+        raise CheckpointError(f"{where}: the tokenizer has {n} tokens (ids 0..{n - 1}) but the "
+                              f"model's config.vocab={vocab}; ids {vocab}..{n - 1} would have "
+                              f"no embedding row (the tokenizer size must be <= config.vocab)")
 
 
 def save_checkpoint(directory: str | os.PathLike, model: Decoder, tokenizer=None, *,
@@ -208,8 +229,10 @@ def save_checkpoint(directory: str | os.PathLike, model: Decoder, tokenizer=None
     if not isinstance(model, Decoder):
         raise TypeError(f"save_checkpoint needs a sleep_jax Decoder, got {type(model).__name__}")
     directory = os.path.abspath(os.fspath(directory))
+    vocab = model.config.vocab
     tok = _check_tokens(tokens if tokens is not None else infer_tokens(tokenizer),
-                        "save_checkpoint")
+                        "save_checkpoint", vocab)
+    check_tokenizer_fits(tokenizer, vocab, "save_checkpoint")
     config = {"format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
               "model": model.config.to_dict(), "tokens": tok, "extra": dict(extra or {})}
     json.dumps(config)  # fail before writing anything if extra is not JSON
@@ -230,7 +253,7 @@ def save_checkpoint(directory: str | os.PathLike, model: Decoder, tokenizer=None
         ckptr.wait_until_finished()
         if lead:
             if tokenizer is not None:
-                tokenizer.save(os.path.join(tmp, TOKENIZER_FILE))
+                write_text(os.path.join(tmp, TOKENIZER_FILE), tokenizer.to_str(pretty=True))
             # config.json last: its presence marks a complete directory.
             _write_json(os.path.join(tmp, CONFIG_FILE), config)
             _swap_into_place(tmp, directory)
@@ -303,7 +326,7 @@ def read_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict]:
     tokens = meta.get("tokens") or {}
     if not isinstance(tokens, dict):
         raise CheckpointError(f"{path}: field 'tokens' must be an object, got {tokens!r:.80}")
-    meta["tokens"] = _check_tokens(tokens, path)
+    meta["tokens"] = _check_tokens(tokens, path, cfg.vocab)
     meta.setdefault("extra", {})
     meta["architecture"] = arch
     return cfg, meta
@@ -329,6 +352,16 @@ def load_checkpoint(directory: str | os.PathLike, *, mesh: Mesh | None = None, r
     params_dir = os.path.join(directory, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{params_dir!r} is missing: the checkpoint has no parameters")
+    tokenizer = None
+    tok_path = os.path.join(directory, TOKENIZER_FILE)
+    if os.path.isfile(tok_path):
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_file(tok_path)
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise CheckpointError(f"{tok_path}: not a valid tokenizer file ({e})") from None
+        check_tokenizer_fits(tokenizer, cfg.vocab, tok_path)
     ckptr = ocp.StandardCheckpointer()
     saved = ckptr.metadata(params_dir).item_metadata.tree
     graphdef, abstract = abstract_params(cfg, mesh=mesh, rules=rules, dtype=dtype)
@@ -337,10 +370,4 @@ def load_checkpoint(directory: str | os.PathLike, *, mesh: Mesh | None = None, r
     restored = ckptr.restore(params_dir, target)
     nnx.replace_by_pure_dict(abstract, restored)
     model = nnx.merge(graphdef, abstract)
-    tokenizer = None
-    tok_path = os.path.join(directory, TOKENIZER_FILE)
-    if os.path.isfile(tok_path):
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(tok_path)
     return model, tokenizer, meta
