@@ -16,6 +16,16 @@ Models that do not follow it are wrapped:
 - ``RecomputeLM`` wraps any NNX module through a function ``fn(module, tokens, positions, mask)
   -> logits`` (or ``(logits, hidden)``); its cache keeps the token history and recomputes the
   forward pass over it, so the sampler and scoring work without a KV cache (slower: O(T^2)).
+  Pass ``mask`` through to the module, which must not attend to keys where it is False::
+
+      class MyLM(nnx.Module):
+          def __call__(self, tokens, positions, mask):  # mask[B,T]: True on real tokens
+              ...  # causal attention that ignores keys where mask is False -> logits[B,T,V]
+
+      lm = RecomputeLM(MyLM(rngs=nnx.Rngs(0)),
+                       fn=lambda m, tokens, positions, mask: m(tokens, positions, mask),
+                       config=my_cfg)
+
 - ``linen_lm`` wraps a Linen module with ``nnx.bridge.ToNNX`` the same way.
 """
 
@@ -47,12 +57,20 @@ class RecomputeLM(nnx.Module):
     Args:
       module: the user's NNX module.
       fn: ``fn(module, tokens[B,T], positions[B,T], mask[B,T]) -> logits[B,T,V]`` or
-        ``(logits, hidden[B,T,D])``; it must be causal (and respect ``mask`` for padding).
+        ``(logits, hidden[B,T,D])``; it must be causal and should pass ``mask`` on (keys where
+        it is False are padding), e.g. ``fn=lambda m, tokens, positions, mask: m(tokens,
+        positions, mask)`` (see the module docstring).
       config: the model's config (sizes), exposed as ``self.config``.
     The cache is ``{"tokens", "positions", "valid": [B,S], "index"}``: each call writes its
     tokens at ``index`` and runs ``fn`` over the whole history, returning the new positions'
     logits. Key slots are ordered by write index, so causality over slots equals causality
     over time for the sampler's left-to-right writes.
+
+    Before each ``fn`` call the valid tokens of every row are moved to the front (in slot
+    order; padding and unwritten slots after them) and the outputs moved back. A right-padded
+    prompt followed by sampled tokens thus reaches ``fn`` as one contiguous sequence: a causal
+    ``fn`` never sees a padding token before a real one, and a padded row gets the same logits
+    as that row alone, even if ``fn`` ignored ``mask``.
     """
 
     def __init__(self, module: nnx.Module, fn: Callable, config: Any = None):
@@ -66,16 +84,21 @@ class RecomputeLM(nnx.Module):
                 "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
     def _run(self, tokens, positions, mask):
-        out = self.fn(self.module, tokens, positions, mask)
-        return out if isinstance(out, tuple) else (out, None)
+        """``fn`` on each row's valid tokens moved to the front; outputs in slot order."""
+        order = jnp.argsort(~mask, axis=1, stable=True)  # valid slots first, order kept
+        take = lambda a: jnp.take_along_axis(a, order, axis=1)
+        out = self.fn(self.module, take(tokens), take(positions), take(mask))
+        logits, hidden = out if isinstance(out, tuple) else (out, None)
+        inverse = jnp.argsort(order, axis=1)
+        back = lambda a: None if a is None else jnp.take_along_axis(a, inverse[..., None], axis=1)
+        return back(logits), back(hidden)
 
     def __call__(self, tokens, positions, cache=None, mask=None, segment_ids=None, *,
                  return_hidden: bool = False, **unused):
         if segment_ids is not None:
             raise ValueError("RecomputeLM does not support segment_ids (packing)")
         B, T = tokens.shape
-        if mask is None:
-            mask = jnp.ones((B, T), bool)
+        mask = jnp.ones((B, T), bool) if mask is None else jnp.asarray(mask).astype(bool)
         if cache is None:
             logits, hidden = self._run(tokens, positions, mask)
             new_cache = None
