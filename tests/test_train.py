@@ -236,3 +236,65 @@ def test_cli_runs_out_of_the_box_and_resumes(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(os.path.join(w, "metrics.jsonl"))] == [1, 2, 3, 4]
     with open(os.path.join(w, "config.json")) as f:
         assert json.load(f)["train"]["steps"] == 4
+
+
+def _guard_case():
+    """A small state (Linear, AdamW on a warmup schedule) and a finite gradient for it."""
+    from sleep_jax.train.state import apply_gradients
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(optax.linear_schedule(0.0, 1e-2, 10), weight_decay=0.1))
+    state = create_train_state(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), tx)
+    state = apply_gradients(state, jax.tree.map(jnp.ones_like, state.params))  # moments != 0
+    g = jax.tree.map(lambda p: jnp.full(p.shape, 0.3, p.dtype), state.params)
+    return state, g
+
+
+@pytest.mark.parametrize("fault", ["nan_grad", "inf_grad", "nan_loss", "inf_loss"])
+def test_skip_if_nonfinite_keeps_the_old_state_bitwise(fault):
+    """A non-finite gradient entry or loss: params, optimizer state (its own step count
+    included) bitwise the old ones, skipped = 1, ``step`` counts the batch (+1)."""
+    from sleep_jax.train.finite import skip_if_nonfinite
+    from sleep_jax.train.state import apply_gradients
+
+    state, g = _guard_case()
+    loss = jnp.float32(1.5)
+    if fault.endswith("grad"):
+        bad = jnp.nan if fault == "nan_grad" else jnp.inf
+        g = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(bad), g)
+    else:
+        loss = jnp.float32(jnp.nan if fault == "nan_loss" else jnp.inf)
+    before = jax.device_get((state.params, state.opt_state))
+
+    @jax.jit
+    def guarded(s, loss, g):
+        return skip_if_nonfinite(apply_gradients(s, g), s, loss, g)
+
+    new, skipped = guarded(state, loss, g)
+    assert int(skipped) == 1
+    after = jax.device_get((new.params, new.opt_state))
+    leaves_b, leaves_a = jax.tree.leaves(before), jax.tree.leaves(after)
+    assert len(leaves_a) == len(leaves_b) > 2
+    for a, b in zip(leaves_a, leaves_b):
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    counts = [x for x in leaves_b if np.asarray(x).dtype == np.int32]
+    assert counts and all(int(c) == 1 for c in counts)  # the optimizer's count did not advance
+    assert int(new.step) == int(state.step) + 1
+
+
+def test_skip_if_nonfinite_passes_finite_updates_unchanged():
+    """Finite loss and gradients: the guarded step is bitwise the unguarded one, skipped = 0."""
+    from sleep_jax.train.finite import skip_if_nonfinite
+    from sleep_jax.train.state import apply_gradients
+
+    state, g = _guard_case()
+    plain = jax.jit(apply_gradients)(state, g)
+    new, skipped = jax.jit(lambda s, g: skip_if_nonfinite(apply_gradients(s, g), s, 1.5, g))(
+        state, g)
+    assert int(skipped) == 0
+    for a, b in zip(jax.tree.leaves(jax.device_get(new)), jax.tree.leaves(jax.device_get(plain))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(new.params),
+                         jax.device_get(state.params))
+    assert all(jax.tree.leaves(moved))  # the step did move every parameter

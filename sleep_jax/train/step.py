@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sleep_jax.mesh import RULES, batch_sharding
+from sleep_jax.train.finite import skip_if_nonfinite
 from sleep_jax.train.loss import cross_entropy
 from sleep_jax.train.state import TrainState, apply_gradients, train_state_shardings
 
@@ -121,7 +122,7 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, mask=None, *,
       (new state, metrics) with metrics loss (mean over loss tokens), tokens (count),
       grad_norm (before clipping), skipped (1 when the loss or gradient norm is not finite:
       then params, other variables and optimizer state are unchanged and only ``step``
-      advances).
+      advances; ``finite.skip_if_nonfinite``).
     """
     loss_sum, count, grad_sum = accumulate_gradients(state, batch, rng, micro_batches, loss_fn,
                                                      micro_sharding)
@@ -129,14 +130,8 @@ def train_step_fn(state: TrainState, batch: dict, rng: jax.Array, mask=None, *,
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
     loss = loss_sum / denom
     gnorm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-    new = apply_gradients(state, grads, mask)
-    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
-    new = new.replace(params=keep(new.params, state.params),
-                      opt_state=keep(new.opt_state, state.opt_state),
-                      step=state.step + 1)
-    metrics = {"loss": loss, "tokens": count, "grad_norm": gnorm,
-               "skipped": (~ok).astype(jnp.int32)}
+    new, skipped = skip_if_nonfinite(apply_gradients(state, grads, mask), state, loss, grads)
+    metrics = {"loss": loss, "tokens": count, "grad_norm": gnorm, "skipped": skipped}
     return new, metrics
 
 
@@ -173,8 +168,11 @@ def make_train_step(state: TrainState, mesh: Mesh, *, micro_batches: int = 1,
                      out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else ())
 
     def train_step(st: TrainState, batch: dict, rng: jax.Array):
+        # The step puts its inputs onto the mesh itself (a no-op for arrays already there): a
+        # batch built on one device or replicated would not match the jit's in_shardings.
+        batch = jax.device_put(_check_batch(batch, micro_batches), data_sh)
         with jax.set_mesh(mesh):  # activations constrain to the batch axes under the mesh
-            return jitted(st, _check_batch(batch, micro_batches), rng, mask)
+            return jitted(jax.device_put(st, state_sh), batch, rng, mask)
 
     train_step.jitted = jitted
     train_step.state_shardings = state_sh
@@ -195,8 +193,9 @@ def make_eval_step(state: TrainState, mesh: Mesh, *, loss_fn: LossFn = lm_loss, 
     jitted = jax.jit(core, in_shardings=(state_sh, data_sh), out_shardings=(repl, repl))
 
     def eval_step(st: TrainState, batch: dict):
+        batch = jax.device_put(_check_batch(batch, 1), data_sh)
         with jax.set_mesh(mesh):
-            return jitted(st, _check_batch(batch, 1))
+            return jitted(jax.device_put(st, state_sh), batch)
 
     eval_step.jitted = jitted
     return eval_step
