@@ -76,3 +76,89 @@ def test_foreign_model_greedy_and_score(kind):
 def test_our_decoder_satisfies_the_protocol(tiny_model):
     assert isinstance(tiny_model, CausalLM)
     assert isinstance(tiny_model, Decoder)
+
+
+# The README's / protocol docstring's RecomputeLM example, verbatim: mask is passed through.
+README_FN = "fn=lambda m, tokens, positions, mask: m(tokens, positions, mask)"
+
+
+class MyLM(nnx.Module):
+    """The docstring's MyLM: __call__(tokens, positions, mask), causal, ignores masked keys."""
+
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(V, D, rngs=rngs)
+        self.pos = nnx.Embed(64, D, rngs=rngs)
+        self.out = nnx.Linear(D, V, rngs=rngs)
+
+    def __call__(self, tokens, positions, mask):
+        x = self.emb(tokens) + self.pos(positions)
+        return self.out(x + _causal_attend(x, mask)) * 4.0
+
+    def no_mask(self, tokens):
+        """The old README example's call, m(tokens): positions 0.., every key attended."""
+        T = tokens.shape[1]
+        return self(tokens, jnp.broadcast_to(jnp.arange(T), tokens.shape),
+                    jnp.ones(tokens.shape, bool))
+
+
+# Right-padded prompts; the padding holds junk ids (the sampler must not depend on them).
+PROMPTS = np.asarray([[3, 5, 7, 11, 17, 17], [9, 2, 17, 17, 17, 17], [4, 6, 8, 10, 12, 1]],
+                     np.int32)
+LENGTHS = np.asarray([4, 2, 6], np.int32)
+
+
+def _padded_vs_alone(lm, M=5):
+    """(batch greedy tokens, logprobs, scores) per row and the same for each row run alone."""
+    out = generate(lm, jnp.asarray(PROMPTS), jnp.asarray(LENGTHS), jax.random.key(0),
+                   max_new_tokens=M, temperature=0.0)
+    sc = score(lm, jnp.asarray(PROMPTS), jnp.asarray(LENGTHS), out.tokens, out.mask)
+    rows = []
+    for b, n in enumerate(LENGTHS):
+        p = jnp.asarray(PROMPTS[b:b + 1, :n])
+        alone = generate(lm, p, jnp.asarray([n]), jax.random.key(0), max_new_tokens=M,
+                         temperature=0.0)
+        alone_sc = score(lm, p, jnp.asarray([n]), alone.tokens, alone.mask)
+        rows.append(((np.asarray(out.tokens[b]), np.asarray(out.logprobs[b]),
+                      np.asarray(sc[b])),
+                     (np.asarray(alone.tokens[0]), np.asarray(alone.logprobs[0]),
+                      np.asarray(alone_sc[0]))))
+    return rows
+
+
+@pytest.mark.parametrize("fn", ["readme", "mask_dropped"])
+def test_recompute_lm_padded_rows_equal_rows_alone(fn):
+    from sleep_jax.models import protocol
+
+    assert README_FN in protocol.__doc__  # the test runs what the docs show
+    module = MyLM(rngs=nnx.Rngs(0))
+    if fn == "readme":
+        lm = RecomputeLM(module, fn=lambda m, tokens, positions, mask: m(tokens, positions, mask),
+                         config=None)
+    else:  # the old README example, which dropped mask: now safe too (valid tokens first)
+        lm = RecomputeLM(module, fn=lambda m, tokens, positions, mask: m.no_mask(tokens))
+    for b, ((toks, lps, sc), (toks1, lps1, sc1)) in enumerate(_padded_vs_alone(lm)):
+        assert toks.tolist() == toks1.tolist(), f"row {b}"
+        np.testing.assert_allclose(lps, lps1, rtol=1e-5, atol=1e-5, err_msg=f"row {b}")
+        np.testing.assert_allclose(sc, sc1, rtol=1e-5, atol=1e-5, err_msg=f"row {b}")
+        np.testing.assert_allclose(sc, lps, rtol=1e-5, atol=1e-5, err_msg=f"row {b}")
+
+
+class _GappyRecomputeLM(RecomputeLM):
+    """RecomputeLM before the valid-first reordering: fn sees the padding between prompt and
+    sampled tokens."""
+
+    def _run(self, tokens, positions, mask):
+        out = self.fn(self.module, tokens, positions, mask)
+        return out if isinstance(out, tuple) else (out, None)
+
+
+def test_mask_dropped_without_reordering_changes_padded_rows():
+    """Negative control: the test above detects the bug it guards against."""
+    lm = _GappyRecomputeLM(MyLM(rngs=nnx.Rngs(0)),
+                           fn=lambda m, tokens, positions, mask: m.no_mask(tokens))
+    rows = _padded_vs_alone(lm)
+    (_, lps, _), (_, lps1, _) = rows[1]  # row 1 has 4 padding slots before its sampled tokens
+    assert np.max(np.abs(lps - lps1)) > 1e-3
+    (toks, lps, _), (toks1, lps1, _) = rows[2]  # row 2 has no padding: unaffected
+    assert toks.tolist() == toks1.tolist()
+    np.testing.assert_allclose(lps, lps1, rtol=1e-5, atol=1e-5)
