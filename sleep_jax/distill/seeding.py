@@ -191,7 +191,8 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
     (an ``rl.Rollout`` with advantages from ``imitation.py``; None: GKD only).
 
     Args:
-      state: the student's TrainState (grown model).
+      state: the student's TrainState (grown model), or an AdapterState
+        (``sleep_jax.train.adapters``: only the active expert slot trains, as its own tree).
       teacher: the frozen pre-growth model (an NNX module; pass it through nnx.split/merge or
         close over it).
       batch: SeedingBatch of B rows.
@@ -213,8 +214,13 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
                          "slots' activity: the student must be a sleep_jax Decoder with "
                          "expert_slots >= 1")
 
+    # A TrainState trains its params; an AdapterState (``sleep_jax.train.adapters``) trains an
+    # adapter that ``full_params`` writes into the frozen model's slot.
+    compose = getattr(state, "full_params", None)
+
     def loss_fn(params):
-        model = nnx.merge(state.graphdef, params, state.other)
+        full = params if compose is None else compose(params)
+        model = nnx.merge(state.graphdef, full, state.other)
         if slots:
             s, c, gate_row, rms_row = gkd_loss_and_experts(model, teacher_logits, aligned, cfg)
         else:
@@ -229,7 +235,7 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
             from sleep_jax.rl.update import grpo_loss, loss_norms
 
             rl = cfg.rl_config()
-            pg, _ = grpo_loss(params, imitation, graphdef=state.graphdef, other=state.other,
+            pg, _ = grpo_loss(full, imitation, graphdef=state.graphdef, other=state.other,
                               cfg=rl, norms=loss_norms(imitation, rl))
             loss = loss + (1.0 - cfg.alpha) * pg
         return loss, (s, c, pg, (gate_row, rms_row))
@@ -265,7 +271,8 @@ def make_seeding_step(cfg: SeedingConfig, state: TrainState, mesh, *, eos_id: in
 
     from sleep_jax.train.state import train_state_shardings
 
-    state_sh = train_state_shardings(state, mesh, rules)
+    state_sh = (state.shardings(mesh, rules) if hasattr(state, "shardings")
+                else train_state_shardings(state, mesh, rules))
     repl = NamedSharding(mesh, PartitionSpec())
 
     def step(state, teacher_graphdef, teacher_state, batch, rng, mask, imitation):
@@ -288,17 +295,21 @@ def make_seeding_step(cfg: SeedingConfig, state: TrainState, mesh, *, eos_id: in
 def run_seeding(state: TrainState, teacher: nnx.Module, batches, steps: int, *, mesh,
                 cfg: SeedingConfig, eos_id: int | None, pad_id: int = 0, mask=None, rng=None,
                 every: int = 0, callback=None, desc: str = "sleep: seeding",
-                decode=None, judge=None):
-    """Run ``steps`` seeding steps on ``batches`` (an iterator of SeedingBatch).
+                decode=None, judge=None, workdir: str | None = None, log_every: int = 10,
+                progress_bar: bool = True):
+    """Run ``steps`` seeding steps on ``batches`` on the run loop (``sleep_jax.train.loop``).
 
-    ``callback(step, state)`` runs every ``every`` steps (e.g. an evaluation). With
+    ``batches`` is an iterator of SeedingBatch or a loop batch source (e.g. an ``RngSource``,
+    which resumes exactly). ``callback(step, state)`` runs every ``every`` steps and at the end
+    (e.g. an evaluation; a returned dict of floats joins that step's record). With
     cfg.alpha < 1 each step first collects a Learning-to-Imitate rollout (``imitation.py``),
-    which needs ``decode(ids) -> str`` and, when cfg.gamma > 0, a ``judge``. Returns
-    (state, step_times) where step_times are wall seconds per step (the first includes compile).
+    which needs ``decode(ids) -> str`` and, when cfg.gamma > 0, a ``judge``. Metrics are read
+    from the device every ``log_every`` steps; with a ``workdir`` the run writes metrics.jsonl,
+    TensorBoard and checkpoints there and a re-run resumes. Returns (state, step_times) where
+    step_times are wall seconds per step (the first includes compile; between log steps the
+    window's mean).
     """
-    import time
-
-    from tqdm import tqdm
+    from sleep_jax.train.loop import LoopConfig, run_loop
 
     step_fn = make_seeding_step(cfg, state, mesh, eos_id=eos_id, pad_id=pad_id)
     tg, ts = nnx.split(teacher)
@@ -313,19 +324,21 @@ def run_seeding(state: TrainState, teacher: nnx.Module, batches, steps: int, *, 
                              "reads text: pass decode=")
         collect_imitation = make_imitation(cfg, decode=decode, judge=judge, eos_id=eos_id,
                                            pad_id=pad_id)
-    times = []
-    bar = tqdm(range(steps), desc=desc, mininterval=2, leave=False)
-    for i in bar:
-        t0 = time.perf_counter()
-        batch, key = next(batches), jax.random.fold_in(rng, i)
+
+    def one_step(st, batch, key):
         imit = None
         if collect_imitation is not None:
-            imit = collect_imitation(state, tg, ts, batch, jax.random.fold_in(key, 1))
-        state, m = step_fn(state, tg, ts, batch, key, jmask, imit)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-        if callback is not None and every and ((i + 1) % every == 0 or i == steps - 1):
-            callback(i + 1, state)
-        if i % 10 == 0:
-            bar.set_postfix(divergence=f"{float(m['divergence']):.4f}")
-    return state, times
+            imit = collect_imitation(st, tg, ts, batch, jax.random.fold_in(key, 1))
+        return step_fn(st, tg, ts, batch, key, jmask, imit)
+
+    eval_fn = None
+    if callback is not None and every:
+        def eval_fn(step, st):
+            out = callback(step, st)
+            return out if isinstance(out, dict) else {}
+
+    loop_cfg = LoopConfig(steps=steps, log_every=log_every, eval_every=every,
+                          progress_bar=progress_bar)
+    r = run_loop(one_step, state, batches, cfg=loop_cfg, rng=rng, workdir=workdir,
+                 eval_fn=eval_fn, desc=desc)
+    return r.state, r.times
