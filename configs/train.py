@@ -6,7 +6,8 @@ Presets: tiny (CPU demo/tests, built-in text), smollm2_135m, llama_1b, llama_1p1
 
 import ml_collections
 
-from sleep_jax.config import DataConfig, model_section, section
+from sleep_jax.config import model_section, section
+from sleep_jax.train.cli import DataConfig
 from sleep_jax.train.optim import OptimConfig
 from sleep_jax.train.trainer import TrainConfig
 

@@ -1,26 +1,31 @@
-"""Config files, command-line overrides, the run folder's config.json, and typed views.
+"""Config files for every command: ml_collections ``config_flags`` plus typed views.
 
 big_vision style: a config is a Python file with ``get_config(arg) -> ConfigDict``, named on the
-command line as ``path.py:arg``; single values change with ``--config.a.b=value``. Overrides are
-checked against the file's keys and value types (unknown keys and wrong types fail, naming the
-key and what is allowed). The resolved config is written to the run folder as ``config.json``; a
-re-run in the same folder with a different config is refused unless explicitly allowed.
+command line as ``--config path.py:arg``; single values change with ``--config.a.b=value``.
+Parsing, type checks of overrides and unknown-key errors are ml_collections' ``config_flags``
+(on a private absl ``FlagValues``, so commands and tests can parse many times); this module only
+turns its errors into one ``ConfigError`` with the offending value, prints ``--help`` with the
+resolved defaults, and writes/compares the run folder's ``config.json``.
 
-Library code never sees the ConfigDict: ``optim_config``, ``train_config``, ``data_config`` and
-``model_config`` convert it into small frozen dataclasses.
+Library code never sees the ConfigDict: ``from_section(SomeConfig, config.section)`` builds the
+frozen dataclass that sits next to the code using it (``train/optim.OptimConfig``,
+``train/trainer.TrainConfig``, ``distill/seeding.SeedingConfig``...), and ``section(SomeConfig)``
+builds a config-file section holding every field of it, so every option is reachable from the
+config file and typed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
+import typing
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
+from sleep_jax.atomic import write_json
 from sleep_jax.models.config import ModelConfig, get_preset
 
 
@@ -29,48 +34,72 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Typed views used by library code.
+# Sections <-> frozen dataclasses.
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where text comes from and how it becomes batches (see sleep_jax.data)."""
-
-    source: str = "builtin"  # builtin | jsonl | tfds
-    path: str = ""  # JSONL file {"text": ...} (source=jsonl); data_dir for tfds
-    tfds_name: str = ""
-    split: str = "train"
-    tokenizer: str = "byte"  # byte | word
-    pack: bool = True
-    eval_fraction: float = 0.05
-    builtin_sentences: int = 2000
+def _field_types(cls) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unresolvable annotations: fall back to the default's type
+        hints = {}
+    return {f.name: hints.get(f.name) for f in dataclasses.fields(cls)}
 
 
-def _dataclass_from(cls, cd: ml_collections.ConfigDict | dict, where: str):
-    d = dict(cd)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
+def _placeholder_type(hint) -> type:
+    """The type a ``None`` default of annotation ``hint`` takes on the command line."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = typing.get_origin(args[0]) or args[0] if args else str
+    return base if base in (int, float, str, bool, tuple) else str
+
+
+def section(cls, **overrides) -> ml_collections.ConfigDict:
+    """A config section with every field of the dataclass ``cls`` (defaults, then ``overrides``).
+
+    ``None`` defaults become typed placeholders, so ``--config.x=value`` type-checks them too.
+    """
+    d = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - set(d))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(d)}")
+    d.update(overrides)
+    types = _field_types(cls)
+    out = ml_collections.ConfigDict()
+    for k, v in d.items():
+        if v is None:
+            v = ml_collections.config_dict.placeholder(_placeholder_type(types[k]))
+        elif dataclasses.is_dataclass(v):
+            v = section(type(v), **{f.name: getattr(v, f.name) for f in dataclasses.fields(v)})
+        out[k] = v
+    return out
+
+
+def from_section(cls, cd: ml_collections.ConfigDict | dict | None, where: str = ""):
+    """The frozen dataclass ``cls`` built from a config section (unknown keys fail).
+
+    Lists (a JSON round trip) become tuples where the dataclass default is a tuple; nested
+    sections become the nested dataclass of the field's default.
+    """
+    where = where or cls.__name__
+    d = dict(cd or {})
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(known))
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(where + '.' + k for k in unknown)}; "
                           f"allowed under {where!r}: {', '.join(sorted(known))}")
-    return cls(**d)
-
-
-def optim_config(config: ml_collections.ConfigDict):
-    from sleep_jax.train.optim import OptimConfig
-
-    return _dataclass_from(OptimConfig, config.optim, "optim")
-
-
-def train_config(config: ml_collections.ConfigDict):
-    from sleep_jax.train.trainer import TrainConfig
-
-    return _dataclass_from(TrainConfig, config.train, "train")
-
-
-def data_config(config: ml_collections.ConfigDict) -> DataConfig:
-    return _dataclass_from(DataConfig, config.data, "data")
+    default = cls()
+    for k, v in d.items():
+        dv = getattr(default, k)
+        if isinstance(v, ml_collections.ConfigDict):
+            v = v.to_dict()
+        if dataclasses.is_dataclass(dv) and isinstance(v, dict):
+            d[k] = from_section(type(dv), v, f"{where}.{k}")
+        elif isinstance(dv, tuple) and isinstance(v, list):
+            d[k] = tuple(v)
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as e:  # the dataclass validates its values
+        raise ConfigError(f"config.{where}: {e}") from None
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -96,131 +125,148 @@ def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"preset": preset, **d})
 
 
-def section(cls, **overrides) -> ml_collections.ConfigDict:
-    """A ConfigDict with the dataclass ``cls``'s defaults and ``overrides``."""
-    d = dataclasses.asdict(cls())
-    unknown = sorted(set(overrides) - set(d))
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(d)}")
-    d.update(overrides)
-    return ml_collections.ConfigDict(d)
+def rules_section(rules) -> ml_collections.ConfigDict:
+    """The logical-axis rules table as a section: logical name -> "mesh,axes" ("" replicated)."""
+    out = ml_collections.ConfigDict()
+    for name, axes in rules:
+        out[name] = "" if axes is None else axes if isinstance(axes, str) else ",".join(axes)
+    return out
+
+
+def rules_from_section(cd: ml_collections.ConfigDict) -> tuple:
+    """The rules table (``sleep_jax.mesh.RULES`` format) from a ``rules_section``."""
+    from sleep_jax.mesh import MESH_AXES
+
+    out = []
+    for name, text in dict(cd).items():
+        axes = tuple(a.strip() for a in str(text).split(",") if a.strip())
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ConfigError(f"config.rules.{name}={text!r}: unknown mesh axis {bad}; "
+                              f"allowed: {', '.join(MESH_AXES)} (comma-separated, '' = "
+                              "replicated)")
+        out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading a config file and applying overrides.
+# The command line: --config FILE:ARG, --config.a.b=VALUE, and a command's own flags.
 # ---------------------------------------------------------------------------------------------
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """Load ``path.py[:arg]`` by calling the file's ``get_config(arg)``."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found (from --config {spec!r}); give a "
-                          f"Python file with get_config(arg), e.g. configs/train.py:tiny")
-    mod_spec = importlib.util.spec_from_file_location(
-        f"_sleep_jax_config_{abs(hash(os.path.abspath(path)))}", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    if not hasattr(mod, "get_config"):
-        raise ConfigError(f"config file {path!r} has no get_config(arg) function")
-    cfg = mod.get_config(arg or None)
-    if not isinstance(cfg, ml_collections.ConfigDict):
-        raise ConfigError(f"{path}:get_config returned {type(cfg).__name__}, not a ConfigDict")
-    return cfg
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A command-line flag of a command besides its config (e.g. ``--workdir``)."""
+
+    name: str
+    kind: type = str  # str | int | bool
+    default: Any = None
+    help: str = ""
+    required: bool = False
 
 
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
+def default_config_path(name: str) -> str:
+    """``configs/<name>`` of this source tree (next to the package), else of the working dir."""
+    file, _, arg = name.partition(":")
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                        file)
+    path = here if os.path.isfile(here) else os.path.join("configs", file)
+    return f"{path}:{arg}" if arg else path
 
 
-def _parse_value(key: str, text: str, current: Any) -> Any:
-    """``text`` converted to the type of ``current`` (the value the config file set)."""
-    kind = type(current)
+def _clean(e: Exception) -> str:
+    """absl/ml_collections error text without the traceback they sometimes embed."""
+    text = str(e).strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's repr
+        text = text[1:-1].replace("\\n", "\n").replace("\\'", "'")
+    if "Traceback" in text:  # a config file's get_config raised: keep its last line
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        head = lines[0].split(":")[0] if lines else ""
+        text = f"{head}: {lines[-1]}" if lines else text
+    return " ".join(text.split())
+
+
+def _help(prog: str, doc: str, flag_specs: Sequence[Flag], default: str) -> str:
+    lines = [doc.strip(), "", f"usage: {prog} [--config FILE.py[:ARG]] [--config.KEY=VALUE ...]"
+             + "".join(f" --{f.name}" + ("" if f.kind is bool else "=VALUE") for f in flag_specs),
+             "", "flags:", f"  --config FILE.py[:ARG]   config file (default {default})",
+             "  --config.KEY=VALUE       override one config value (typed; unknown keys fail)"]
+    for f in flag_specs:
+        dflt = " (required)" if f.required else f" (default {f.default!r})"
+        lines.append(f"  --{f.name:<22} {f.help}{dflt}")
     try:
-        if isinstance(current, bool):
-            low = text.lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError
-        if isinstance(current, int):
-            return int(text)
-        if isinstance(current, float):
-            return float(text)
-        if isinstance(current, str):
-            return text
-        if current is None:
-            # An unset optional: take JSON when it parses (numbers, null), else the string.
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError:
-                return text
-        if isinstance(current, (list, tuple)):
-            v = json.loads(text)
-            if not isinstance(v, list):
-                raise ValueError
-            return kind(v)
-    except ValueError:
-        pass
-    allowed = "true/false" if kind is bool else kind.__name__
-    raise ConfigError(f"--config.{key}={text!r}: expected a value of type {allowed} "
-                      f"(current value {current!r})")
+        cfg = _load(default)
+        lines += ["", f"defaults ({default}):", str(cfg)]
+    except ConfigError as e:
+        lines += ["", f"(defaults unavailable: {e})"]
+    return "\n".join(lines)
 
 
-def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
-    """Set ``config.<key>`` (dotted) from the command-line string ``text``, type-checked."""
-    parts = key.split(".")
-    node = config
-    for i, name in enumerate(parts):
-        where = ".".join(parts[:i]) or "<top level>"
-        if not isinstance(node, ml_collections.ConfigDict):
-            raise ConfigError(f"--config.{key}: {where!r} is a value, not a section")
-        if name not in node:
-            raise ConfigError(f"unknown config key {key!r}: no {name!r} under {where}; "
-                              f"allowed: {', '.join(sorted(node.keys()))}")
-        if i < len(parts) - 1:
-            node = node[name]
-    current = node[parts[-1]]
-    if isinstance(current, ml_collections.ConfigDict):
-        raise ConfigError(f"--config.{key} names a section; set one of its keys: "
-                          f"{', '.join(sorted(current.keys()))}")
-    with node.ignore_type():
-        node[parts[-1]] = _parse_value(key, text, current)
+def _load(spec: str) -> ml_collections.ConfigDict:
+    config, _ = parse_command([], default=spec)
+    return config
 
 
-def parse_config_args(argv: Sequence[str], default: str | None = None
-                      ) -> tuple[ml_collections.ConfigDict, list[str]]:
-    """Split ``--config FILE:ARG`` and ``--config.key=value`` out of ``argv``.
+def parse_command(argv: Sequence[str], *, default: str, flags: Sequence[Flag] = (),
+                  prog: str = "sleep-jax", doc: str = ""
+                  ) -> tuple[ml_collections.ConfigDict | None, dict[str, Any]]:
+    """Parse a command's arguments: its config (file + overrides) and its own flags.
 
-    Returns (resolved config, remaining arguments). Overrides apply in order after the file.
+    Args:
+      argv: the arguments after the command name.
+      default: the config used without ``--config`` (e.g. ``default_config_path("train.py")``).
+      flags: the command's other flags.
+      prog, doc: for ``--help``, which prints the flags and the resolved default config.
+    Returns:
+      (config, {flag name: value}); (None, {}) after printing ``--help``.
+    Raises:
+      ConfigError naming the offending file, key or value (unknown keys, wrong types, a config
+      file that fails, a missing required flag, an unknown flag or a stray argument).
     """
-    spec, overrides, rest = default, [], []
-    it = iter(argv)
-    for a in it:
-        if a == "--config":
-            spec = next(it, None)
-            if spec is None:
-                raise ConfigError("--config needs a value, e.g. --config configs/train.py:tiny")
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+
+    argv = list(argv)
+    spec = default
+    for i, a in enumerate(argv):  # which config file: the override flags are defined from it
+        if a == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
         elif a.startswith("--config="):
             spec = a.split("=", 1)[1]
-        elif a.startswith("--config."):
-            body = a[len("--config."):]
-            if "=" in body:
-                k, v = body.split("=", 1)
-            else:
-                k, v = body, next(it, None)
-                if v is None:
-                    raise ConfigError(f"--config.{k} needs a value (--config.{k}=VALUE)")
-            overrides.append((k, v))
-        else:
-            rest.append(a)
-    if spec is None:
-        raise ConfigError("no config given: pass --config path/to/config.py:ARG")
-    config = load_config_file(spec)
-    for k, v in overrides:
-        apply_override(config, k, v)
-    return config, rest
+    if any(a in ("-h", "--help", "-help") for a in argv):
+        print(_help(prog, doc, flags, spec))
+        return None, {}
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found (from --config {spec!r}); give a "
+                          f"Python file with get_config(arg), e.g. {default}")
+    fv = absl_flags.FlagValues()
+    full = [prog] + argv
+    try:
+        config_flags.DEFINE_config_file("config", default=default, flag_values=fv,
+                                        lock_config=True, sys_argv=full)
+        for f in flags:
+            define = {str: absl_flags.DEFINE_string, int: absl_flags.DEFINE_integer,
+                      bool: absl_flags.DEFINE_bool}[f.kind]
+            define(f.name, f.default, f.help, flag_values=fv)
+        rest = fv(full, known_only=False)
+    except (absl_flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        msg = _clean(e)
+        if "Did you mean" in msg or isinstance(e, (AttributeError, KeyError)):
+            bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+            msg = f"unknown config key in {', '.join(bad) or 'overrides'}: {msg}"
+        raise ConfigError(msg) from None
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected argument(s) {rest[1:]}; flags: --config, "
+                          f"--config.KEY=VALUE, " + ", ".join(f"--{f.name}" for f in flags))
+    values = {f.name: fv[f.name].value for f in flags}
+    missing = [f"--{f.name}" for f in flags if f.required and values[f.name] in (None, "")]
+    if missing:
+        raise ConfigError(f"missing required flag(s) {', '.join(missing)}")
+    config = fv.config
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{path}:get_config returned {type(config).__name__}, not a ConfigDict")
+    return config, values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,27 +301,33 @@ def config_diff(old: dict, new: dict) -> list[str]:
     return lines
 
 
-def write_run_config(workdir: str, config: ml_collections.ConfigDict,
+def check_run_config(workdir: str, config: ml_collections.ConfigDict,
                      allow_change: bool = False) -> None:
-    """Write ``config.json`` to ``workdir``; refuse a different config already saved there.
+    """Refuse a run whose ``workdir/config.json`` holds a different config (writes nothing).
 
     Raises:
       ConfigError: the saved config differs and ``allow_change`` is False (lists the changes).
     """
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
-    new = to_dict(config)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = config_diff(old, new)
-        if diff and not allow_change:
-            raise ConfigError(
-                f"{path} holds a different config than this run (saved -> new):\n"
-                + "\n".join(diff)
-                + "\nuse the same config to resume, another --workdir for a new run, or "
-                  "--allow_config_change to resume with the new one")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diff = config_diff(old, to_dict(config))
+    if diff and not allow_change:
+        raise ConfigError(
+            f"{path} holds a different config than this run (saved -> new):\n"
+            + "\n".join(diff)
+            + "\nuse the same config to resume, another --workdir for a new run, or "
+              "--allow_config_change to resume with the new one")
+
+
+def write_run_config(workdir: str, config: ml_collections.ConfigDict,
+                     allow_change: bool = False) -> None:
+    """Write ``config.json`` to ``workdir`` (atomically); refuse a different saved config.
+
+    Raises:
+      ConfigError: see ``check_run_config``.
+    """
+    check_run_config(workdir, config, allow_change)
+    write_json(os.path.join(workdir, "config.json"), to_dict(config), sort_keys=True)

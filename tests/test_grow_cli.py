@@ -18,8 +18,9 @@ SRC = ModelConfig(vocab=64, embed=16, mlp=32, layers=2, heads=4, kv_heads=2, hea
 def test_cli_grows_a_checkpoint(tmp_path, capsys):
     model = create_model(SRC, seed=0)
     ckpt.save_checkpoint(tmp_path / "src", model)
-    rc = main(["--checkpoint", str(tmp_path / "src"), "--to", "layers=3,embed=32,expert_slots=2",
-               "--out", str(tmp_path / "dst"), "--mesh", "fsdp=4,tensor=2"])
+    rc = main(["--checkpoint", str(tmp_path / "src"),
+               "--config.to=layers=3,embed=32,expert_slots=2",
+               "--out", str(tmp_path / "dst"), "--config.mesh=fsdp=4,tensor=2"])
     assert rc == 0
     grown, _, _ = ckpt.load_checkpoint(tmp_path / "dst")
     assert (grown.config.layers, grown.config.embed, grown.config.expert_slots) == (3, 32, 2)
@@ -29,6 +30,16 @@ def test_cli_grows_a_checkpoint(tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5,
                                atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
-    rc = main(["--checkpoint", str(tmp_path / "src"), "--to", "head_dim=16",
+    rc = main(["--checkpoint", str(tmp_path / "src"), "--config.to=head_dim=16",
                "--out", str(tmp_path / "bad")])
     assert rc == 2 and "head_dim" in capsys.readouterr().err
+
+
+def test_cli_refuses_bad_options_before_loading(tmp_path, capsys):
+    rc = main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+               "--config.options.widht=zero"])
+    assert rc == 2 and "unknown config key in --config.options.widht" in capsys.readouterr().err
+    rc = main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+               "--config.options.width=wide"])
+    assert rc == 2 and "width" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -12,7 +12,7 @@ end, model/ (the checkpoint directory format of sleep_jax.models.checkpoint_dir)
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -20,15 +20,30 @@ from collections.abc import Sequence
 
 from sleep_jax.config import (
     ConfigError,
-    data_config,
+    Flag,
+    check_run_config,
+    default_config_path,
+    from_section,
     model_config,
-    optim_config,
-    parse_config_args,
-    train_config,
+    parse_command,
     write_run_config,
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from and how it becomes batches (see sleep_jax.data)."""
+
+    source: str = "builtin"  # builtin | jsonl | tfds
+    path: str = ""  # JSONL file {"text": ...} (source=jsonl); data_dir for tfds
+    tfds_name: str = ""
+    split: str = "train"
+    tokenizer: str = "byte"  # byte | word
+    pack: bool = True
+    eval_fraction: float = 0.05
+    builtin_sentences: int = 2000
 
 # ---------------------------------------------------------------------------------- built-in text
 
@@ -119,28 +134,26 @@ def make_tokenizer(dcfg, examples: Sequence[str], workdir: str):
 # ---------------------------------------------------------------------------------- main
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sleep-jax train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="run folder (resumes when it has a run)")
-    p.add_argument("--allow_config_change", action="store_true",
-                   help="resume even though the saved config.json differs")
-    return p
+FLAGS = (Flag("workdir", help="run folder (resumes when it has a run)", required=True),
+         Flag("allow_config_change", bool, False,
+              help="resume even though the saved config.json differs"))
 
 
 def run(argv: list[str]) -> int:
     """Parse, build everything, train. Raises ConfigError/FileNotFoundError on bad input."""
-    if any(a in ("-h", "--help") for a in argv):
-        _parser().print_help()
-        print("\n  --config FILE.py[:ARG]   config file (e.g. configs/train.py:tiny)\n"
-              "  --config.KEY=VALUE       override one config value")
-        return 0
-    config, rest = parse_config_args(argv)
-    args = _parser().parse_args(rest)
-    mcfg, ocfg, tcfg, dcfg = (model_config(config), optim_config(config), train_config(config),
-                              data_config(config))
+    config, args = parse_command(argv, default=default_config_path("train.py:tiny"),
+                                 flags=FLAGS, prog="sleep-jax train", doc=__doc__)
+    if config is None:
+        return 0  # --help
+    from sleep_jax.train.optim import OptimConfig
+    from sleep_jax.train.trainer import TrainConfig
+
+    mcfg, ocfg, tcfg, dcfg = (model_config(config), from_section(OptimConfig, config.optim),
+                              from_section(TrainConfig, config.train),
+                              from_section(DataConfig, config.data))
+    workdir = args["workdir"]
+    check_run_config(workdir, config, args["allow_config_change"])
     examples = load_examples(dcfg, tcfg.seed)  # fail on a missing file before writing anything
-    write_run_config(args.workdir, config, args.allow_config_change)
 
     import jax
     from flax import nnx
@@ -152,12 +165,18 @@ def run(argv: list[str]) -> int:
     from sleep_jax.train.state import create_sharded_train_state
     from sleep_jax.train.trainer import fit
 
-    mesh = make_mesh(config.mesh)
+    try:
+        mesh = make_mesh(config.mesh)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh={config.mesh!r}: {e}") from None
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if tcfg.batch_size % (shards * tcfg.micro_batches):
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by "
                           f"micro_batches x data x fsdp = {tcfg.micro_batches} x {shards}")
-    tok = make_tokenizer(dcfg, examples, args.workdir)
+    if dcfg.tokenizer not in ("byte", "word"):
+        raise ConfigError(f"data.tokenizer={dcfg.tokenizer!r}; allowed: byte, word")
+    write_run_config(workdir, config, args["allow_config_change"])
+    tok = make_tokenizer(dcfg, examples, workdir)
     vocab = tok.get_vocab_size()
     if vocab > mcfg.vocab:
         new = -(-vocab // 64) * 64
@@ -181,10 +200,11 @@ def run(argv: list[str]) -> int:
     log.info("model %s: %d parameters on mesh %s", config.model.preset,
              sum(x.size for x in jax.tree.leaves(state.params)), dict(mesh.shape))
     result = fit(state, make_iterator(ds), train_cfg=tcfg, optim_cfg=ocfg, mesh=mesh,
-                 workdir=args.workdir, eval_batches=eval_batches)
+                 workdir=workdir, eval_batches=eval_batches)
     print(result.message, file=sys.stderr if result.status == "nonfinite" else sys.stdout)
     if result.status == "done":
-        _export(args.workdir, result.state, tok)
+        _export(workdir, result.state, tok)
+        print(f"outputs in {workdir}: model/, metrics.jsonl, tb/, train/ (checkpoints)")
     if result.history:
         print(f"final loss {result.history[-1]['loss']:.4f} at step {result.step}")
     return 1 if result.status == "nonfinite" else 0
