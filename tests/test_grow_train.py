@@ -11,6 +11,8 @@ from flax import nnx
 
 from sleep_jax.grow import GrowOptions, grow, target_config
 from sleep_jax.grow.api import plan_growth
+from sleep_jax.grow.flat import flatten, rebuild
+from sleep_jax.grow.optimizer import ClockedTransformation, EntryClockState, entry_clocks
 from sleep_jax.mesh import make_mesh
 from sleep_jax.models import ModelConfig, create_model
 from sleep_jax.train.loss import cross_entropy
@@ -57,7 +59,7 @@ def test_moments_follow_the_gradient_rule(setup):
     grown, _ = grow(state, SRC, dst, mesh=mesh, rng=jax.random.key(2),
                     options=GrowOptions(noise=0.0))
     g2 = _params_grad(grown, tokens)
-    mu, nu = grown.opt_state[0].mu, grown.opt_state[0].nu
+    mu, nu = grown.opt_state.inner[0].mu, grown.opt_state.inner[0].nu
     flat = lambda t: dict(jax.tree_util.tree_flatten_with_path(t)[0])
     want, got_mu, got_nu = flat(g2), flat(mu), flat(nu)
     for path, w in want.items():
@@ -108,9 +110,9 @@ def test_masked_training_leaves_frozen_entries_bitwise(setup):
     trained = apply_gradients(state, _params_grad(state, tokens))  # nonzero moments, step 1
     grown, mask = grow(trained, SRC, SRC.replace(mlp=48, layers=3), mesh=mesh,
                        rng=jax.random.key(2), options=GrowOptions(mlp="zero", insert_at=(1,)))
-    assert int(grown.step) == 1 and int(grown.opt_state[0].count) == 1
+    assert int(grown.step) == 1 and int(grown.opt_state.inner[0].count) == 1
     mu_old = np.asarray(trained.opt_state[0].mu["blocks"]["down"][...])
-    mu_new = np.asarray(grown.opt_state[0].mu["blocks"]["down"][...])
+    mu_new = np.asarray(grown.opt_state.inner[0].mu["blocks"]["down"][...])
     np.testing.assert_array_equal(mu_new[[0, 2], :32], mu_old)  # layers 0, 1 -> 0, 2
     assert not mu_new[1].any() and not mu_new[:, 32:].any()  # new layer and units: zero
     stepped = apply_gradients(grown, _params_grad(grown, tokens), mask)
@@ -124,6 +126,142 @@ def test_masked_training_leaves_frozen_entries_bitwise(setup):
     assert moved > 0
     down_m = np.asarray(mask["blocks"]["down"][...])
     assert down_m[1].all() and down_m[:, 32:].all() and not down_m[0, :32].any()
+
+
+def _random_grads(params, key):
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef.unflatten([jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+                              for i, x in enumerate(leaves)])
+
+
+# grown (expert_slots 0 -> 2, mlp 32 -> 48 zero-init) path -> (old entries, new entries)
+_FFN = {"['blocks']['gate']": (np.s_[..., :32], np.s_[..., 32:]),
+        "['blocks']['up']": (np.s_[..., :32], np.s_[..., 32:]),
+        "['blocks']['down']": (np.s_[:, :32], np.s_[:, 32:])}
+_NEW_LEAVES = ("['blocks']['expert_a']", "['blocks']['expert_b']")
+
+
+def _old(path, x):
+    return x[_FFN[path][0]] if path in _FFN else x
+
+
+def _new(flat):
+    out = {k: np.asarray(flat[k][...]) for k in _NEW_LEAVES}
+    out.update({k: np.asarray(flat[k][...])[sl[1]] for k, sl in _FFN.items()})
+    return out
+
+
+def test_new_entries_get_their_own_adam_count(setup):
+    """After T = 1000 AdamW steps (b2 = 0.999), grow expert slots 0 -> 2 and the FFN 32 -> 48
+    (zero-init units), then take k = 10 steps on random gradients: the new entries must equal a
+    fresh optax AdamW run on those entries alone, the old entries the source state continued on
+    its own entries' gradients. The old behaviour (the global count for new entries) is the
+    control: its first update is > 2x the fresh optimizer's."""
+    mesh = setup[0]
+    T, K = 1000, 10
+    make_tx = lambda: optax.adamw(1e-3, b1=0.9, b2=0.999, weight_decay=1e-2)
+    src = create_train_state(create_model(SRC, mesh=mesh, seed=0), make_tx())
+
+    @jax.jit
+    def warm(state):
+        body = lambda i, s: apply_gradients(s, _random_grads(s.params, jax.random.key(i)))
+        return jax.lax.fori_loop(0, T, body, state)
+
+    src = warm(src)
+    assert int(src.opt_state[0].count) == T
+    dst = SRC.replace(expert_slots=2, mlp=48)
+    grown, mask = grow(src, SRC, dst, mesh=mesh, rng=jax.random.key(2),
+                       options=GrowOptions(mlp="zero"))
+    assert isinstance(grown.tx, ClockedTransformation) and grown.tx.clocks == 2
+    assert isinstance(grown.opt_state, EntryClockState)
+    assert np.asarray(grown.opt_state.start).tolist() == [[0], [T]]
+    clock, gmask = flatten(grown.opt_state.clock), flatten(mask)
+    for k in (*_NEW_LEAVES, *_FFN):  # the new entries by hand == clock 1 == trainable mask
+        want = np.zeros(clock[k].shape, bool)
+        want[_FFN[k][1] if k in _FFN else np.s_[...]] = True
+        np.testing.assert_array_equal(np.asarray(clock[k][...]) == 1, want, err_msg=k)
+        np.testing.assert_array_equal(np.broadcast_to(np.asarray(gmask[k][...]), want.shape),
+                                      want, err_msg=k)
+    assert not any(np.asarray(v[...]).any() for k, v in clock.items()
+                   if k not in _NEW_LEAVES and k not in _FFN)
+
+    step = jax.jit(apply_gradients)
+    keys = [jax.random.key(10_000 + t) for t in range(K)]
+    # the reference for new entries: a fresh optax AdamW on them alone
+    ref_tx = make_tx()
+    ref_p = _new(flatten(grown.params))
+    ref_opt = ref_tx.init(ref_p)
+    ref_first = None
+    state, old_ref = grown, src
+    for t, key in enumerate(keys):
+        g = _random_grads(state.params, key)
+        g_flat = flatten(g)
+        g_new = {k: jnp.asarray(v) for k, v in _new(g_flat).items()}
+        upd, ref_opt = ref_tx.update(g_new, ref_opt, ref_p)
+        if t == 0:
+            ref_first = upd
+            plain = grown.replace(tx=grown.tx.inner, opt_state=grown.opt_state.inner)
+            plain_first = _new(flatten(step(plain, g).params))
+        ref_p = optax.apply_updates(ref_p, upd)
+        state = step(state, g)
+        old_g = rebuild(old_ref.params, lambda k, v, g_flat=g_flat: _old(k, g_flat[k][...]))
+        old_ref = step(old_ref, old_g)
+    got = flatten(state.params)
+    got_new = _new(got)
+    for k, want in ref_p.items():
+        np.testing.assert_allclose(got_new[k], np.asarray(want), rtol=1e-6, atol=1e-7,
+                                   err_msg=f"new entries of {k}")
+    for k, v in flatten(old_ref.params).items():
+        np.testing.assert_allclose(np.asarray(_old(k, got[k][...])), np.asarray(v[...]),
+                                   rtol=1e-6, atol=1e-7, err_msg=f"old entries of {k}")
+    # the control: with the global count the new entries' first step is mis-scaled
+    start = _new(flatten(grown.params))
+    ratio = (sum(np.abs(plain_first[k] - start[k]).sum() for k in start)
+             / sum(np.abs(np.asarray(u)).sum() for u in ref_first.values()))
+    assert ratio > 2.0, f"global-count update / fresh update = {ratio:.3f}"
+
+
+def test_second_growth_adds_a_clock(setup):
+    """Growing a clocked state again adds a third clock for the newest entries only: one step
+    after growing expert slots 2 -> 3 the new slot moves like a fresh AdamW, the slots of the
+    first growth keep theirs; a clocked state with a plain tx is refused."""
+    mesh = setup[0]
+    make_tx = lambda: optax.adam(1e-3, b2=0.999)
+    src = create_train_state(create_model(SRC, mesh=mesh, seed=0), make_tx())
+    step = jax.jit(apply_gradients)
+    for t in range(3):
+        src = step(src, _random_grads(src.params, jax.random.key(t)))
+    one = SRC.replace(expert_slots=2)
+    grown, _ = grow(src, SRC, one, mesh=mesh, rng=jax.random.key(2))
+    for t in range(2):
+        grown = step(grown, _random_grads(grown.params, jax.random.key(10 + t)))
+    with pytest.raises(ValueError, match="entry_clocks"):
+        grow(grown.replace(tx=make_tx()), one, one.replace(expert_slots=3), mesh=mesh,
+             rng=jax.random.key(3))
+    again, _ = grow(grown, one, one.replace(expert_slots=3), mesh=mesh, rng=jax.random.key(3))
+    assert again.tx.clocks == 3
+    assert np.asarray(again.opt_state.start).tolist() == [[0], [3], [5]]
+    c = np.asarray(again.opt_state.clock["blocks"]["expert_b"][...])
+    assert (c[:, :2] == 1).all() and (c[:, 2] == 2).all()
+    g = _random_grads(again.params, jax.random.key(99))
+    out = step(again, g)
+    for name in ("expert_a", "expert_b"):
+        p0 = again.params["blocks"][name][...][:, 2]
+        gn = g["blocks"][name][...][:, 2]
+        ref_tx = make_tx()
+        upd, _ = ref_tx.update(gn, ref_tx.init(p0), p0)
+        np.testing.assert_allclose(np.asarray(out.params["blocks"][name][...][:, 2]),
+                                   np.asarray(p0 + upd), rtol=1e-6, atol=1e-7)
+    # the first growth's slots: their own (third) step from their moments
+    mu = again.opt_state.inner[0].mu["blocks"]["expert_a"][...][:, :2]
+    nu = again.opt_state.inner[0].nu["blocks"]["expert_a"][...][:, :2]
+    gn = g["blocks"]["expert_a"][...][:, :2]
+    mu1, nu1 = 0.9 * mu + 0.1 * gn, 0.999 * nu + 0.001 * gn * gn
+    want = (again.params["blocks"]["expert_a"][...][:, :2]
+            - 1e-3 * (mu1 / (1 - 0.9 ** 3)) / (jnp.sqrt(nu1 / (1 - 0.999 ** 3)) + 1e-8))
+    np.testing.assert_allclose(np.asarray(out.params["blocks"]["expert_a"][...][:, :2]),
+                               np.asarray(want), rtol=2e-5, atol=1e-7)
+    assert entry_clocks(make_tx(), 3).init(again.params).start.shape == (3, 1)
 
 
 @pytest.mark.parametrize("text, field", [

@@ -23,6 +23,6 @@ from sleep_jax.grow.experts import (
 )
 from sleep_jax.grow.spec import GrowOptions, check_growth, parse_overrides, target_config
 
-__all__ = ["GrowOptions", "SlotsExhausted", "activate_slot", "check_growth", "compile_growth", "grow",
-           "grow_arrays", "grow_model", "grown_config", "next_free_slot", "parse_overrides",
+__all__ = ["GrowOptions", "SlotsExhausted", "activate_slot", "check_growth", "compile_growth",
+           "grow", "grow_arrays", "grow_model", "grown_config", "next_free_slot", "parse_overrides",
            "plan_growth", "reset_slots", "target_config", "used_slots"]

@@ -25,7 +25,17 @@ from sleep_jax.grow.experts import expert_plans
 from sleep_jax.grow.ffn import ffn_plans
 from sleep_jax.grow.flat import axes_of, flatten, is_var, rebuild
 from sleep_jax.grow.heads import head_plans
-from sleep_jax.grow.optimizer import collect_moments, rebuild_opt_state
+from sleep_jax.grow.optimizer import (
+    ClockedTransformation,
+    EntryClockState,
+    attach_clocks,
+    collect_moments,
+    entry_clocks,
+    rebuild_opt_state,
+    resize_clock,
+    resize_flag,
+    split_clocks,
+)
 from sleep_jax.grow.spec import GrowOptions, check_growth
 from sleep_jax.grow.stack import stack_plans
 from sleep_jax.grow.width import width_plans
@@ -117,8 +127,11 @@ def grow_arrays(params, other, opt_state, rng, *, steps: list[Step], options: Gr
     P = {k: v[...] for k, v in flat_p.items()}
     O = {k: v[...] for k, v in flat_o.items()}
     AX = {k: axes_of(v) for k, v in {**flat_p, **flat_o}.items()}
-    moments = collect_moments(opt_state, params)
+    inner, clock_src, start = split_clocks(opt_state)
+    moments = collect_moments(inner, params)
+    clocks = None if clock_src is None else {k: v[...] for k, v in flatten(clock_src).items()}
     mask: dict[str, jax.Array | None] = dict.fromkeys(P)
+    fresh: dict[str, jax.Array | None] = dict.fromkeys(P)  # moments started at zero here
     final = None
     for step in steps:
         _, abs_p, abs_o = final = _abstract(factory, step.cfg)
@@ -129,6 +142,9 @@ def grow_arrays(params, other, opt_state, rng, *, steps: list[Step], options: Gr
                     store[k] = _zeros_missing(v, step)
                     if store is P:
                         mask[k] = None
+                        fresh[k] = jnp.ones(store[k].shape, bool)
+                        if clocks is not None:
+                            clocks[k] = jnp.zeros(store[k].shape, jnp.int8)
                         for _, flat in moments.values():
                             flat[k] = store[k]
         for plan in step.plans:
@@ -139,6 +155,9 @@ def grow_arrays(params, other, opt_state, rng, *, steps: list[Step], options: Gr
                 P[k] = resize_value(P[k], AX[k], plan, is_param=True, rng=key,
                                     noise=options.noise, init_std=options.init_std)
                 mask[k] = resize_mask(mask[k], P[k].shape, AX[k], plan)
+                fresh[k] = resize_flag(fresh[k], P[k].shape, AX[k], plan)
+                if clocks is not None:
+                    clocks[k] = resize_clock(clocks[k], AX[k], plan)
                 for second, flat in moments.values():
                     flat[k] = resize_moment(flat[k], AX[k], plan, second=second)
             for k in O:
@@ -155,7 +174,8 @@ def grow_arrays(params, other, opt_state, rng, *, steps: list[Step], options: Gr
     _, abs_p, abs_o = final
     new_params = rebuild(abs_p, lambda k, v: P[k])
     new_other = rebuild(abs_o, lambda k, v: O[k])
-    new_opt = rebuild_opt_state(opt_state, params, moments, abs_p)
+    new_inner = rebuild_opt_state(inner, params, moments, abs_p)
+    new_opt = attach_clocks(new_inner, abs_p, fresh, clocks, start)
     new_mask = rebuild(abs_p, lambda k, v: jnp.zeros((), bool) if mask[k] is None else mask[k])
     return new_params, new_other, new_opt, new_mask
 
@@ -230,12 +250,29 @@ def grow(state, src_cfg: ModelConfig, dst_cfg: ModelConfig, *, mesh: Mesh, rng: 
       mapped by the operators' gradient rules, new entries with zero moments, step kept) and a
       params-like pytree of bool arrays marking the new entries (new units, layers, slots and
       second copies), usable as ``apply_gradients(..., mask=)``.
+
+      When the optimizer keeps a step count for bias correction (Adam) and the growth adds
+      entries, those entries get their own count: the state's optimizer becomes
+      ``EntryClockState`` and its ``tx`` ``entry_clocks(tx, G)`` (``sleep_jax.grow.optimizer``),
+      so new entries' updates equal a fresh optimizer's on them and old entries continue their
+      own moments and count. Restore such a state with ``entry_clocks(tx, G)`` as its ``tx``.
     """
+    if isinstance(state.opt_state, EntryClockState) and not (
+            isinstance(state.tx, ClockedTransformation)
+            and state.tx.clocks == state.opt_state.start.shape[0]):
+        raise ValueError(f"grow: the optimizer state has {state.opt_state.start.shape[0]} entry "
+                         f"clocks but state.tx is {type(state.tx).__name__} without them; use "
+                         f"entry_clocks(tx, {state.opt_state.start.shape[0]}) as the state's tx")
     args = (state.params, state.other, state.opt_state, state.step, rng)
     fn, graphdef, _ = compile_growth(src_cfg, dst_cfg, mesh, args, options, factory)
     params, other, opt_state, mask, step = fn(*args)
+    tx = state.tx
+    if isinstance(opt_state, EntryClockState):
+        G = int(opt_state.start.shape[0])
+        if not (isinstance(tx, ClockedTransformation) and tx.clocks == G):
+            tx = entry_clocks(tx.inner if isinstance(tx, ClockedTransformation) else tx, G)
     return state.replace(graphdef=graphdef, params=params, other=other, opt_state=opt_state,
-                         step=step), mask
+                         step=step, tx=tx), mask
 
 
 def grow_model(model: nnx.Module, src_cfg: ModelConfig, dst_cfg: ModelConfig, *, mesh: Mesh,
