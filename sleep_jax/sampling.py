@@ -5,6 +5,8 @@ stops when every row has emitted EOS or ``max_new_tokens``. Row b's new tokens s
 ``prompt_len[b] + step``; the cache slots of its prompt padding are invalid, so rows of
 different lengths share one batch. ``score``: log-probs of given completions after given prompts
 in one forward pass (the completion of row b is placed right after its own prompt).
+``token_logprobs``: tempered log-probs of given tokens under given logits (scoring, RL
+re-scoring and the training cross-entropy share it).
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from sleep_jax.train.loss import token_logprobs
+
+def token_logprobs(logits_btv: jax.Array, targets_bt: jax.Array,
+                   temperature: float = 1.0) -> jax.Array:
+    """log softmax(logits / temperature)[target] per position: [B,T] fp32."""
+    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32) / temperature, axis=-1)
+    return jnp.take_along_axis(logp, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 @struct.dataclass

@@ -128,3 +128,41 @@ def test_top_k_one_equals_greedy_and_sharded_equals_unsharded(model):
                                                max_new_tokens=4, temperature=0.0))(s, toks,
                                                                                    lens)
     assert np.array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
+
+
+def test_token_logprobs_live_with_sampling_not_training():
+    """sampling.py and rl/rollout.py import nothing from sleep_jax.train (read from their
+    source), importing sleep_jax.sampling loads no training module, and train.loss re-exports
+    the same function; its values are numpy's log-softmax gather at the temperature."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    import sleep_jax.sampling as sampling
+    import sleep_jax.train.loss as train_loss
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for rel in ("sleep_jax/sampling.py", "sleep_jax/rl/rollout.py"):
+        with open(os.path.join(root, rel)) as f:
+            tree = ast.parse(f.read())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert "sleep_jax.sampling" in names or rel.endswith("sampling.py")
+        assert not [m for m in names if m.startswith("sleep_jax.train")], (rel, names)
+    code = ("import sys, sleep_jax.sampling; "
+            "print([m for m in sys.modules if m.startswith('sleep_jax.train')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert train_loss.token_logprobs is sampling.token_logprobs
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    tgt = rng.integers(0, 5, (2, 3))
+    z = logits / 0.7
+    want = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - z.max(-1, keepdims=True)
+    want = np.take_along_axis(want, tgt[..., None], -1)[..., 0]
+    got = sampling.token_logprobs(jnp.asarray(logits), jnp.asarray(tgt), 0.7)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)

@@ -19,8 +19,7 @@ from flax import nnx, struct
 
 from sleep_jax.rl.config import RLConfig
 from sleep_jax.rl.losses import token_entropy
-from sleep_jax.sampling import generate, join
-from sleep_jax.train.loss import token_logprobs
+from sleep_jax.sampling import generate, join, token_logprobs
 
 
 @struct.dataclass

@@ -1,4 +1,4 @@
-"""Token log-probabilities and the masked cross-entropy that every trainer shares.
+"""The masked cross-entropy that every trainer shares.
 
 Losses return (sum, count) rather than a mean so that gradient accumulation over micro-batches
 and averaging across shards stay exact: mean = sum(sums) / sum(counts).
@@ -9,12 +9,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Token log-probs live with sampling and scoring (which must not import training); re-exported
+# here for callers that import them from train.loss.
+from sleep_jax.sampling import token_logprobs
 
-def token_logprobs(logits_btv: jax.Array, targets_bt: jax.Array,
-                   temperature: float = 1.0) -> jax.Array:
-    """log softmax(logits / temperature)[target] per position: [B,T] fp32."""
-    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32) / temperature, axis=-1)
-    return jnp.take_along_axis(logp, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
+__all__ = ["cross_entropy", "token_logprobs"]
 
 
 def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array,
