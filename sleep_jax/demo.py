@@ -10,12 +10,12 @@
    general text. Baselines get the same steps and batch rows: SFT on the passages, seeding
    without growth (full fine-tune), seeding without replay, in-context only.
 
-Writes ``<workdir>/seed<k>/report.json``, ``report.md`` and PNG plots, and a summary over seeds.
+Settings: configs/demo.py (presets default and quick). Writes ``<workdir>/seed<k>/report.json``,
+``report.md`` and PNG plots, and a summary over seeds.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -23,6 +23,15 @@ import sys
 import time
 
 import jax
+
+from sleep_jax.config import (
+    ConfigError,
+    Flag,
+    default_config_path,
+    from_section,
+    parse_command,
+    write_run_config,
+)
 
 log = logging.getLogger("sleep_jax.demo")
 
@@ -85,41 +94,54 @@ def _setup_logging():
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+FLAGS = (Flag("workdir", default="runs/demo", help="output folder"),
+         Flag("allow_config_change", bool, False,
+              help="run even though the workdir's config.json differs"))
+
+
+def parse(argv: list[str]) -> tuple[list[DemoConfig] | None, str]:
+    """The per-seed DemoConfigs and the workdir from the command line; (None, "") after --help.
+
+    The resolved config is written to ``workdir/config.json``; a different saved one is refused.
+
+    Raises:
+      ConfigError: a bad config key or value, an unknown method, seeds < 1.
+    """
+    config, args = parse_command(argv, default=default_config_path("demo.py"), flags=FLAGS,
+                                 prog="sleep-jax demo", doc=__doc__)
+    if config is None:
+        return None, ""
+    cfg = from_section(DemoConfig, config.demo, "demo")
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or not cfg.methods:
+        raise ConfigError(f"demo.methods={cfg.methods!r}: unknown method(s) {unknown}; "
+                          f"allowed: {', '.join(METHODS)}")
+    if config.seeds < 1:
+        raise ConfigError(f"seeds={config.seeds} must be >= 1")
+    seeds = [dataclasses.replace(cfg, seed=cfg.seed + k) for k in range(config.seeds)]
+    write_run_config(args["workdir"], config, args["allow_config_change"])
+    return seeds, args["workdir"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sleep-jax demo", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...)")
-    p.add_argument("--base-steps", type=int, default=DemoConfig.base_steps)
-    p.add_argument("--sleep-steps", type=int, default=DemoConfig.sleep_steps)
-    p.add_argument("--methods", default=",".join(DemoConfig.methods),
-                   help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--quick", action="store_true", help="a 1-minute smoke run (tiny budgets)")
-    args = p.parse_args(argv)
+    try:
+        seeds, workdir = parse(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        print(f"sleep-jax demo: error: {e}", file=sys.stderr)
+        return 2
+    if seeds is None:
+        return 0  # --help
     _setup_logging()
     from sleep_jax.demo_run import run_seed, summarize
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown method(s) {unknown}; allowed: {', '.join(METHODS)}")
-    if args.seeds < 1:
-        p.error(f"--seeds must be >= 1, got {args.seeds}")
-    kw = dict(base_steps=args.base_steps, sleep_steps=args.sleep_steps, methods=methods)
-    if args.quick:
-        kw.update(base_steps=60, sleep_steps=20, n_old=40, n_new=8, rc_items=400,
-                  eval_every=10)
     t0 = time.time()
-    reports = []
-    for seed in range(args.seeds):
-        cfg = DemoConfig(seed=seed, **kw)
-        reports.append(run_seed(cfg, os.path.join(args.workdir, f"seed{seed}")))
-    summary = summarize(reports, args.workdir)
+    reports = [run_seed(cfg, os.path.join(workdir, f"seed{cfg.seed}")) for cfg in seeds]
+    summary = summarize(reports, workdir)
     print(summary)
     log.info("demo finished in %.0f s; reports under %s (devices: %s)", time.time() - t0,
-             args.workdir, jax.devices()[0].platform)
+             workdir, jax.devices()[0].platform)
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -1,15 +1,19 @@
-"""The demo end to end at smoke size (`sleep-jax demo --quick`): every stage runs and the report
-holds every figure; learning itself is tested in test_seeding_learning.py."""
+"""The demo end to end at smoke size (`sleep-jax demo --config configs/demo.py:quick`): every
+stage runs and the report holds every figure; learning itself is tested in
+test_seeding_learning.py."""
 
 import json
 import os
 
 from sleep_jax.demo import main
 
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
 
 def test_demo_quick_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
-    assert main(["--quick", "--workdir", str(out), "--methods", "sft,sleep_gated"]) == 0
+    assert main(["--config", f"{CONFIGS}/demo.py:quick", "--workdir", str(out),
+                 "--config.demo.methods=('sft','sleep_gated')"]) == 0
     seed = out / "seed0"
     report = json.loads((seed / "report.json").read_text())
     assert set(report["methods"]) == {"sft", "sleep_gated"}
@@ -27,3 +31,14 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
     assert pngs, os.listdir(seed)
     assert "| sleep_gated |" in (out / "summary.md").read_text()
     assert (seed / "base" / "config.json").exists()
+
+
+def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--workdir", str(out), "--config.demo.methods=('sleep','slepe')"]) == 2
+    assert "unknown method(s) ['slepe']" in capsys.readouterr().err
+    assert main(["--workdir", str(out), "--config.demo.sleep_stpes=5"]) == 2
+    assert "unknown config key in --config.demo.sleep_stpes" in capsys.readouterr().err
+    assert main(["--workdir", str(out), "--config.seeds=0"]) == 2
+    assert "seeds=0 must be >= 1" in capsys.readouterr().err
+    assert not out.exists()

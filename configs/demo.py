@@ -1,0 +1,30 @@
+"""The CPU demo: ``sleep-jax demo [--config configs/demo.py[:quick]] [--config.demo.KEY=VALUE]``.
+
+Presets: the default (about 10 minutes for one seed on 2 CPU cores) and ``quick`` (a
+one-minute smoke run with tiny budgets, what the tests run). ``seeds`` runs seeds
+demo.seed, demo.seed + 1, ...; ``demo`` holds every size and budget of
+``sleep_jax.demo.DemoConfig`` (methods as a tuple, e.g.
+``--config.demo.methods="('sft','sleep')"``; the methods are listed in sleep_jax/demo.py).
+"""
+
+import ml_collections
+
+from sleep_jax.config import section
+from sleep_jax.demo import DemoConfig
+
+_PRESETS = {
+    "default": {},
+    "quick": dict(base_steps=60, sleep_steps=20, n_old=40, n_new=8, rc_items=400,
+                  eval_every=10),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    name = arg or "default"
+    if name not in _PRESETS:
+        raise ValueError(f"unknown demo preset {name!r}; allowed: {', '.join(_PRESETS)}")
+    config = ml_collections.ConfigDict()
+    config.preset = name
+    config.seeds = 1
+    config.demo = section(DemoConfig, **_PRESETS[name])
+    return config
