@@ -151,3 +151,22 @@ def test_cli_errors(tmp_path, capsys):
     assert main(base + ["--config.mesh=data=3"]) == 2  # 8 devices: not a divisor
     assert "config.mesh='data=3'" in capsys.readouterr().err
     assert not os.path.exists(w)
+
+
+def test_sleep_cli_checks_every_option_before_work(tmp_path, capsys):
+    from sleep_jax.distill.cli import main as sleep_main
+
+    w = tmp_path / "run"
+    base = ["--checkpoint", str(tmp_path / "nope"), "--memories", str(tmp_path / "m.jsonl"),
+            "--probes", str(tmp_path / "p.jsonl"), "--workdir", str(w)]
+    assert sleep_main(base + ["--config.sleep.prompt_format=q: {qestion} a:"]) == 2
+    assert "sleep.prompt_format='q: {qestion} a:'" in capsys.readouterr().err
+    assert sleep_main(base + ["--config.seeding.lam=1.5"]) == 2
+    assert "lam=1.5 must be in [0, 1]" in capsys.readouterr().err
+    assert sleep_main(base + ["--config.replay.fractoin=0.1"]) == 2
+    assert "unknown config key in --config.replay.fractoin" in capsys.readouterr().err
+    assert sleep_main(base + ["--config.sleep.optim.lr=abc"]) == 2
+    assert "sleep.optim.lr=abc" in capsys.readouterr().err
+    assert sleep_main(base) == 2  # the memories file does not exist
+    assert "m.jsonl" in capsys.readouterr().err
+    assert not w.exists()  # nothing written for a run that did not start

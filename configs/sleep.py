@@ -1,0 +1,38 @@
+"""A sleep on your checkpoint: ``sleep-jax sleep --config configs/sleep.py[:quick]
+--checkpoint CKPT --memories M.jsonl --probes P.jsonl --workdir DIR [--config.KEY=VALUE]``.
+
+Sections (each the frozen dataclass beside the code that uses it):
+  sleep    sleep_jax.sleep.SleepConfig: student (next free expert slot of ``slots`` pre-allocated
+           ones, rank, router, or a full fine-tune), optimizer (``sleep.optim``: AdamW + warmup
+           + cosine + clipping, the demo's settings), prompt source, budget, checkpoint cadence
+  replay   sleep_jax.sleep.ReplayConfig: share of each batch and source of the replay rows
+  seeding  sleep_jax.distill.seeding.SeedingConfig: divergence, lambda, alpha, completion length
+           M, Learning-to-Imitate options (its GRPO settings derive from these)
+  mesh     devices of the sleep (``fsdp=1``: one device; ``fsdp=-1``: all)
+Presets: the default, and ``quick`` (20 steps, a smoke run).
+"""
+
+import ml_collections
+
+from sleep_jax.config import section
+from sleep_jax.distill.seeding import SeedingConfig
+from sleep_jax.sleep import ReplayConfig, SleepConfig
+
+_PRESETS = {
+    "default": dict(sleep={}, seeding={}),
+    "quick": dict(sleep=dict(steps=20, batch_size=8), seeding={}),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    name = arg or "default"
+    if name not in _PRESETS:
+        raise ValueError(f"unknown sleep preset {name!r}; allowed: {', '.join(_PRESETS)}")
+    p = _PRESETS[name]
+    config = ml_collections.ConfigDict()
+    config.preset = name
+    config.sleep = section(SleepConfig, **p["sleep"])
+    config.replay = section(ReplayConfig)
+    config.seeding = section(SeedingConfig, **p["seeding"])
+    config.mesh = "fsdp=1"
+    return config
