@@ -24,6 +24,7 @@ from sleep_jax.rl import (
 )
 from sleep_jax.rl import losses as L
 from sleep_jax.rl.update import make_update
+from sleep_jax.train.state import create_train_state, fresh_copy
 
 # ------------------------------------------------------------------------------ estimators
 
@@ -388,3 +389,159 @@ def test_learns_toy_task(algorithm, target):
 def test_shuffled_rewards_do_not_learn():
     first, last = _toy_run("grpo", shuffle=True)
     assert last <= 0.35, (first, last)
+
+
+# ------------------------------------------------------------------------------ Dr. GRPO, guard
+
+
+def test_dr_grpo_constant_normaliser_hand_value(small):
+    """loss_norm="constant": the policy term is -sum_i A_i n_i / (B x M) at ratio 1 (the
+    rollout's own policy), against -sum_i A_i n_i / sum_i n_i for "tokens" (n_i: row i's
+    completion tokens, A_i: r_i - group mean); the gradients differ by sum n_i / (B x M);
+    metrics stay per-token means."""
+    from sleep_jax.rl.update import grpo_loss, loss_norms
+
+    _, model, roll = small
+    graphdef, params, other = nnx.split(model, nnx.Param, ...)
+    B, M = roll.mask.shape
+    # rows of 4, 3, 2, 1 tokens (scoring is causal: the kept tokens' old log-probs hold)
+    keep = np.asarray(roll.mask) & (np.arange(M)[None] < np.tile([4, 3, 2, 1], 4)[:, None])
+    roll = roll.replace(mask=jnp.asarray(keep), old_logp=jnp.where(keep, roll.old_logp, 0.0),
+                        ref_logp=jnp.where(keep, roll.ref_logp, 0.0))
+    lens = keep.sum(1)
+    r = np.asarray(roll.rewards).reshape(4, 4)
+    a = (r - r.mean(1, keepdims=True)).reshape(-1)
+    assert lens.min() < M and lens.max() == M  # the two normalisers differ
+    res = {}
+    for norm in ("tokens", "constant"):
+        cfg = RLConfig(group_size=4, max_new_tokens=4, advantage="grpo_no_std", loss_norm=norm)
+        rl = with_rewards(roll, roll.rewards, cfg)
+        norms = loss_norms(rl, cfg)
+        assert float(norms["count"]) == lens.sum()
+        (loss, _), g = jax.value_and_grad(grpo_loss, has_aux=True)(
+            params, rl, graphdef=graphdef, other=other, cfg=cfg, norms=norms)
+        res[norm] = (float(loss), g)
+    np.testing.assert_allclose(res["constant"][0], -np.sum(a * lens) / (B * M), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(res["tokens"][0], -np.sum(a * lens) / lens.sum(), rtol=1e-4,
+                               atol=1e-6)
+    scale = lens.sum() / (B * M)
+    jax.tree.map(lambda x, y: _close(np.asarray(x), scale * np.asarray(y)),
+                 res["constant"][1], res["tokens"][1])
+    with pytest.raises(ValueError, match="clipped_sequence"):
+        RLConfig(loss_norm="constant", policy_loss="clipped_sequence")
+    with pytest.raises(ValueError, match="loss_norm='mean'"):
+        RLConfig(loss_norm="mean")
+
+
+def test_rl_update_skips_a_nonfinite_step_bitwise(small):
+    """A NaN advantage row makes the loss NaN: params and optimizer state stay bitwise, the
+    step is reported skipped; the same rollout with finite rewards moves the params."""
+    _, model, roll = small
+    cfg = RLConfig(group_size=4, max_new_tokens=4)
+    state = create_train_state(fresh_copy(model), optax.adam(1e-2))
+    before = jax.device_get((state.params, state.opt_state))
+    upd = make_update(state, make_mesh("fsdp=1", devices=jax.devices()[:1]), cfg, donate=False)
+    bad = with_rewards(roll, np.where(np.arange(16) == 0, np.nan, np.asarray(roll.rewards)), cfg)
+    new, m = upd(state, bad, jax.random.key(0))
+    assert int(m["skipped"]) == 1
+    for x, y in zip(jax.tree.leaves(jax.device_get((new.params, new.opt_state))),
+                    jax.tree.leaves(before)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    new, m = upd(state, roll, jax.random.key(0))
+    assert int(m["skipped"]) == 0
+    assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
+        jax.tree.leaves(jax.device_get(new.params)), jax.tree.leaves(before[0])))
+
+
+# ------------------------------------------------------------------------------ imitation
+
+
+def _lev(a: str, b: str) -> int:
+    """Levenshtein distance by the textbook dynamic programme (reference for rapidfuzz)."""
+    d = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, d[0] = d[0], i
+        for j, cb in enumerate(b, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (ca != cb))
+    return d[len(b)]
+
+
+def test_imitation_student_continuation_matches_the_teacher_remainder_length(small):
+    """The student writes as many tokens as the teacher's remainder y[c:] it is compared
+    with (eos off: exactly |y| - c), its log-probs are the policy's on that continuation,
+    and score_imitation's rewards are 1 - d/max_len (<= z0) from a plain DP distance."""
+    from sleep_jax.distill.imitation import imitation_rollout, score_imitation
+    from sleep_jax.models import create_model
+    from sleep_jax.sampling import generate, score
+
+    cfg_m, teacher, _ = small
+    student = create_model(cfg_m, seed=1)
+    tp = jnp.array([[1, 5, 6, 2], [1, 7, 3, 0], [1, 9, 0, 0]], jnp.int32)
+    tl = jnp.array([4, 3, 2], jnp.int32)
+    sp = jnp.array([[1, 2], [1, 3], [1, 0]], jnp.int32)
+    sl = jnp.array([2, 2, 1], jnp.int32)
+    Y, G = 8, 2
+    rl = RLConfig(group_size=G, max_new_tokens=3)  # 3 is ignored: lengths follow y[c:]
+    key = jax.random.key(5)
+    roll, target, tmask = jax.jit(lambda s, t, k: imitation_rollout(
+        s, t, tp, tl, sp, sl, k, rl_cfg=rl, text_tokens=Y, eos_id=None))(student, teacher, key)
+    y = generate(teacher, tp, tl, jax.random.split(key, 3)[0], max_new_tokens=Y, eos_id=None)
+    assert roll.completion.shape == (3 * G, Y)
+    cuts = []
+    for row in range(3 * G):
+        cut = int(roll.prompt_len[row]) - int(sl[row // G])
+        cuts.append(cut)
+        remainder = np.asarray(y.tokens[row // G])[cut:]
+        np.testing.assert_array_equal(np.asarray(target[row])[np.asarray(tmask[row])],
+                                      remainder)
+        assert int(roll.mask[row].sum()) == len(remainder) == Y - cut
+        assert not np.asarray(roll.mask[row, Y - cut:]).any()
+    assert len(set(cuts)) > 1  # different cuts: different lengths, each matched
+    want = score(student, roll.prompt, roll.prompt_len, roll.completion, roll.mask)
+    np.testing.assert_allclose(roll.old_logp, want, rtol=1e-5, atol=1e-6)
+
+    decode = lambda ids: "".join(chr(ord("a") + i % 26) for i in ids)
+    scored, rewards = score_imitation(roll, target, tmask, decode=decode,
+                                      reward_fn=get_reward("imitation", gamma=0.0, z0=0.5),
+                                      rl_cfg=rl)
+    for row in range(3 * G):
+        c = decode(np.asarray(roll.completion[row])[np.asarray(roll.mask[row])].tolist())
+        t = decode(np.asarray(target[row])[np.asarray(tmask[row])].tolist())
+        assert len(c) == len(t)
+        z = _lev(c, t) / len(t)
+        np.testing.assert_allclose(rewards[row], 1 - z if z <= 0.5 else 0.0, rtol=1e-6)
+
+
+def test_imitation_rewards_and_advantages_hand_values():
+    """Hand rollout, letters as tokens: 'abc' vs 'abd' d=1 -> 2/3; 'ab' vs 'ab' -> 1;
+    'abcd' vs 'wxyz' d=4 -> 0 (z=1 > z0); 'ab' vs 'ac' d=1, z=1/2=z0 -> 1/2. Groups of 2:
+    GRPO advantages -+1/sqrt(2) in each group."""
+    from sleep_jax.distill.imitation import score_imitation
+    from sleep_jax.rl.rollout import Rollout
+
+    L = lambda s: [ord(ch) - ord("a") for ch in s]
+    comps, tgts = ["abc", "ab", "abcd", "ab"], ["abd", "ab", "wxyz", "ac"]
+
+    def pad(rows, M=4):
+        t = np.zeros((len(rows), M), np.int32)
+        m = np.zeros((len(rows), M), bool)
+        for i, r in enumerate(rows):
+            t[i, :len(r)], m[i, :len(r)] = L(r), True
+        return jnp.asarray(t), jnp.asarray(m)
+
+    ct, cm = pad(comps)
+    tt, tm = pad(tgts)
+    z = jnp.zeros((4, 4), jnp.float32)
+    roll = Rollout(prompt=jnp.ones((4, 1), jnp.int32), prompt_len=jnp.ones(4, jnp.int32),
+                   completion=ct, mask=cm, old_logp=z, ref_logp=z, values=z,
+                   rewards=jnp.zeros(4), advantages=z, returns=z)
+    decode = lambda ids: "".join(chr(ord("a") + i) for i in ids)
+    rl = RLConfig(group_size=2, max_new_tokens=4)
+    scored, r = score_imitation(roll, tt, tm, decode=decode,
+                                reward_fn=get_reward("imitation", gamma=0.0, z0=0.5), rl_cfg=rl)
+    np.testing.assert_allclose(r, [2 / 3, 1.0, 0.0, 0.5], rtol=1e-6)
+    s = 1 / math.sqrt(2)
+    adv = np.asarray(scored.advantages)
+    for row, want in enumerate([-s, s, -s, s]):
+        np.testing.assert_allclose(adv[row][np.asarray(cm[row])], want, rtol=1e-4)

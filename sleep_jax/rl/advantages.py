@@ -5,8 +5,10 @@ Group estimators see whole groups, so they run on the full rollout before any mi
 
 - ``grpo``: A_i = (r_i - mean_g r) / (std_g r + eps), std with Bessel's correction (ddof=1, as
   TRL and torch.std), broadcast to every completion token (Shao et al. 2024, DeepSeekMath).
-- ``grpo_no_std``: A_i = r_i - mean_g r (Dr. GRPO, Liu et al. 2025: no std division, no bias
-  towards easy/hard groups).
+- ``grpo_no_std``: A_i = r_i - mean_g r, the advantage of Dr. GRPO (Liu et al. 2025: no std
+  division, so no bias towards groups of low reward spread). It is only half of Dr. GRPO: the
+  other half is the loss aggregation, a constant normaliser instead of a length-dependent one
+  (``RLConfig(advantage="grpo_no_std", loss_norm="constant")``, ``update.loss_norms``).
 - ``rloo``: A_i = r_i - mean_{j != i} r_j = G/(G-1) (r_i - mean_g r) (Ahmadian et al. 2024).
 - ``gae``: generalized advantage estimation (Schulman et al. 2016) over completion tokens with
   the sequence reward on the last token: delta_t = r_t + gamma V_{t+1} - V_t,
@@ -61,7 +63,8 @@ def grpo(rewards_b, mask_bm, values_bm=None, *, group_size: int, eps: float = 1e
 
 @register_advantage("grpo_no_std")
 def grpo_no_std(rewards_b, mask_bm, values_bm=None, *, group_size: int, **_):
-    """r - group mean."""
+    """r - group mean (Dr. GRPO's advantage; its constant loss normaliser is
+    ``RLConfig.loss_norm="constant"``)."""
     r = _groups(rewards_b, group_size)
     a = r - r.mean(1, keepdims=True)
     return _per_token(a.reshape(-1), mask_bm), jnp.zeros(mask_bm.shape, jnp.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 ALGORITHMS = ("grpo", "ppo", "rest_em")
+LOSS_NORMS = ("tokens", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,13 @@ class RLConfig:
       kl_coef * KL(pi || ref) with ``kl_estimator`` in ("kl_k1", "kl_k3"); entropy_coef bonus;
       PPO value loss vf_coef with value_clip. kl_penalty (PPO): -kl_penalty * k1 added to the
       token rewards instead of (or besides) the KL loss.
+      ``loss_norm`` divides the token sums of a mini-batch: "tokens" (default, DAPO-style
+      token-level mean: by the number of completion tokens in the mini-batch) or "constant"
+      (Dr. GRPO, Liu et al. 2025: by rows x M, M the rollout's completion width =
+      max_new_tokens, so a long completion's tokens weigh no less than a short one's and no
+      length-dependent normaliser biases the gradient). Full Dr. GRPO is
+      ``RLConfig(advantage="grpo_no_std", loss_norm="constant")``. clipped_sequence (GSPO)
+      always divides by sequences and takes "tokens" only.
     Update: epochs over the rollout, mini_batches per epoch (an optimizer step each),
       micro_batches per mini-batch (exact gradient accumulation).
     ReST-EM: keep samples with reward >= rest_threshold, take rest_sft_steps SFT steps on them.
@@ -35,6 +43,7 @@ class RLConfig:
     gamma: float = 1.0
     lam: float = 0.95
     policy_loss: str = "clipped_token"
+    loss_norm: str = "tokens"
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_coef: float = 0.0
@@ -59,6 +68,12 @@ class RLConfig:
         if self.policy_loss not in ("clipped_token", "clipped_sequence"):
             raise ValueError(f"policy_loss={self.policy_loss!r}; allowed: "
                              f"('clipped_token', 'clipped_sequence')")
+        if self.loss_norm not in LOSS_NORMS:
+            raise ValueError(f"loss_norm={self.loss_norm!r}; allowed: {LOSS_NORMS}")
+        if self.loss_norm == "constant" and self.policy_loss == "clipped_sequence":
+            raise ValueError("loss_norm='constant' (Dr. GRPO) normalises token sums; "
+                             "policy_loss='clipped_sequence' is a per-sequence loss: use "
+                             "loss_norm='tokens' with it")
         if self.kl_estimator not in ("kl_k1", "kl_k3"):
             raise ValueError(f"kl_estimator={self.kl_estimator!r}; allowed: ('kl_k1', 'kl_k3')")
         for name in ("group_size", "max_new_tokens", "epochs", "mini_batches", "micro_batches"):

@@ -6,11 +6,15 @@ step per mini-batch), micro-batches a third scan that accumulates exact gradient
   loss(mb) = pg_sum / N_pg + kl_coef * kl_sum / N_tok - entropy_coef * H_sum / N_tok
              + vf_coef * value_sum / N_tok,
 
-with the counts N taken over the whole mini-batch before the micro-batch scan (they do not
-depend on the parameters), so the sum of micro-batch gradients is the mini-batch gradient.
+with the normalisers N taken over the whole mini-batch before the micro-batch scan (they do
+not depend on the parameters), so the sum of micro-batch gradients is the mini-batch gradient.
+N_tok is the mini-batch's completion-token count (loss_norm="tokens") or the constant
+rows x M (loss_norm="constant", Dr. GRPO); N_pg = N_tok, or the sequence count for the
+sequence-level loss.
 GRPO (Shao et al. 2024) uses group advantages and no critic; PPO (Schulman et al. 2017) adds a
 value head (``ValueLM``) trained on GAE returns. An optional trainable mask restricts the update
-(``apply_gradients``); a non-finite loss or gradient skips that optimizer step.
+(``apply_gradients``); a non-finite loss or gradient skips that optimizer step
+(``train.finite.skip_if_nonfinite``).
 """
 
 from __future__ import annotations
@@ -25,17 +29,28 @@ from sleep_jax.mesh import RULES, batch_sharding
 from sleep_jax.rl import losses
 from sleep_jax.rl.config import RLConfig
 from sleep_jax.rl.rollout import Rollout, policy_outputs
+from sleep_jax.train.finite import skip_if_nonfinite
 from sleep_jax.train.state import TrainState, apply_gradients, train_state_shardings
 
 _AUX = ("pg", "kl", "entropy", "clip", "value")
 
 
 def loss_norms(mb: Rollout, cfg: RLConfig) -> dict:
-    """Counts that normalise the loss sums of a mini-batch: tokens, and the policy term's."""
+    """What divides the loss sums of a mini-batch ``mb`` (none depends on the parameters).
+
+    ``count``: its completion tokens (the metrics' denominator); ``tok``: the divisor of the
+    token terms (KL, entropy, value): ``count`` under loss_norm="tokens", the constant
+    rows x M (M = completion width, the rollout's max_new_tokens) under "constant" (Dr. GRPO);
+    ``pg``: the policy term's, the same as ``tok`` or, for clipped_sequence, the number of
+    non-empty sequences.
+    """
     m = mb.mask.astype(jnp.float32)
-    tok = jnp.maximum(jnp.sum(m), 1.0)
+    count = jnp.maximum(jnp.sum(m), 1.0)
+    tok = (jnp.asarray(float(m.shape[0] * m.shape[1]), jnp.float32)
+           if cfg.loss_norm == "constant" else count)
     seq = jnp.maximum(jnp.sum(jnp.any(mb.mask, 1).astype(jnp.float32)), 1.0)
-    return {"tok": tok, "pg": seq if cfg.policy_loss == "clipped_sequence" else tok}
+    return {"count": count, "tok": tok,
+            "pg": seq if cfg.policy_loss == "clipped_sequence" else tok}
 
 
 def grpo_loss(params, batch: Rollout, *, graphdef, other, cfg: RLConfig, norms: dict):
@@ -92,15 +107,12 @@ def _minibatch_step(state: TrainState, mb: Rollout, mask, cfg: RLConfig):
                 jax.tree.map(jnp.zeros_like, state.params))
         (loss, aux, grads), _ = jax.lax.scan(body, zero, micro)
     gnorm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-    new = apply_gradients(state, grads, mask)
-    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)
-    new = new.replace(params=keep(new.params, state.params),
-                      opt_state=keep(new.opt_state, state.opt_state))
-    metrics = {"loss": loss, "pg_loss": aux["pg"] / norms["pg"], "kl": aux["kl"] / norms["tok"],
-               "entropy": aux["entropy"] / norms["tok"], "clip_frac": aux["clip"] / norms["tok"],
-               "value_loss": aux["value"] / norms["tok"], "grad_norm": gnorm,
-               "skipped": (~ok).astype(jnp.int32)}
+    new, skipped = skip_if_nonfinite(apply_gradients(state, grads, mask), state, loss, grads)
+    n = norms["count"]  # metrics are per-token means whatever the loss normaliser
+    metrics = {"loss": loss, "pg_loss": aux["pg"] / norms["pg"], "kl": aux["kl"] / n,
+               "entropy": aux["entropy"] / n, "clip_frac": aux["clip"] / n,
+               "value_loss": aux["value"] / n, "grad_norm": gnorm,
+               "skipped": skipped}
     return new, metrics
 
 
