@@ -70,7 +70,9 @@ def base_examples(world: worldlib.World, cfg) -> list:
 
 def train_base(ctx: Ctx) -> nnx.Module:
     """WAKE: trains the base model from scratch on packed ``base_examples`` (AdamW, warmup +
-    cosine)."""
+    cosine), on the run loop (in memory: loss read every 50 steps, nothing written)."""
+    from sleep_jax.train.loop import IteratorSource, LoopConfig, run_loop
+
     cfg = ctx.cfg
     model = create_model(ctx.model_cfg, seed=cfg.seed)
     tx = make_optimizer(OptimConfig(lr=cfg.base_lr, warmup_steps=cfg.base_warmup,
@@ -79,18 +81,12 @@ def train_base(ctx: Ctx) -> nnx.Module:
     step = make_train_step(state, ctx.mesh)
     ds = make_dataset(base_examples(ctx.world, cfg), ctx.tok, seq_len=cfg.seq_len,
                       batch_size=cfg.base_batch, seed=cfg.seed)
-    it = iter(ds)
-    key = jax.random.key(cfg.seed)
-    bar = tqdm(range(cfg.base_steps), desc="wake: base training", mininterval=2, leave=False)
-    losses = []
-    for i in bar:
-        state, m = step(state, next(it), jax.random.fold_in(key, i))
-        if i % 50 == 0 or i == cfg.base_steps - 1:
-            losses.append(float(m["loss"]))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            log.debug("wake step %d loss %.3f", i, losses[-1])
-    log.info("base model trained: %d steps, final loss %.3f", cfg.base_steps, losses[-1])
-    return state.model()
+    r = run_loop(step, state, IteratorSource(iter(ds)),
+                 cfg=LoopConfig(steps=cfg.base_steps, log_every=50),
+                 rng=jax.random.key(cfg.seed), desc="wake: base training")
+    log.info("base model trained: %d steps, final loss %.3f", cfg.base_steps,
+             r.history[-1]["loss"])
+    return r.state.model()
 
 
 # ----------------------------------------------------------------------------------- SLEEP
