@@ -58,7 +58,7 @@ def _median_time(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--mesh", default="fsdp=-1")
@@ -67,8 +67,17 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def run(argv=None) -> dict:
+    """Sample, time and print; returns the JSON record (``argv`` as on the command line).
+
+    Every step puts its inputs onto the mesh itself (``make_update``, ``make_train_step``):
+    the rollout and the SFT batch built from it may arrive replicated (the SFT loss mask
+    does), not split by rows as the jitted steps expect.
+    """
+    a = parse_args(argv)
     cfg = get_preset(a.preset)
     mesh = make_mesh(a.mesh)
     model = create_model(cfg, mesh=mesh, seed=0)
@@ -110,15 +119,21 @@ def main(argv=None) -> int:
     ratio = upd_s / sft_s
     print(f"GRPO update / SFT step = {ratio:.2f}x (target <= 2x); rollout "
           f"{gen_tokens / roll_s:,.0f} generated tokens/s")
-    print(json.dumps({
+    record = {
         "benchmark": "rl", "device": jax.devices()[0].device_kind,
         "devices": len(jax.devices()), "mesh": dict(mesh.shape), "preset": a.preset,
         "commit": _commit(), "rows": B, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
         "sft_step_s": round(sft_s, 5), "grpo_update_s": round(upd_s, 5),
         "grpo_over_sft": round(ratio, 3), "rollout_s": round(roll_s, 5),
-        "rollout_tokens_per_s": round(gen_tokens / roll_s, 1),
+        "rollout_tokens_per_s": round(gen_tokens / roll_s, 1), "generated_tokens": gen_tokens,
         "compile_s": {"sft": round(sft_first, 2), "grpo": round(upd_first, 2),
-                      "rollout": round(roll_first, 2)}}))
+                      "rollout": round(roll_first, 2)}}
+    print(json.dumps(record))
+    return record
+
+
+def main(argv=None) -> int:
+    run(argv)
     return 0
 
 

@@ -545,3 +545,31 @@ def test_imitation_rewards_and_advantages_hand_values():
     adv = np.asarray(scored.advantages)
     for row, want in enumerate([-s, s, -s, s]):
         np.testing.assert_allclose(adv[row][np.asarray(cm[row])], want, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ benchmark
+
+
+def test_benchmark_rl_runs_on_its_default_mesh(capsys):
+    """benchmarks/rl.py's own code path with its default preset and mesh (tiny, fsdp=-1: all
+    8 fake devices, rows split 8 ways) at smaller sizes: 2 prompts x 4 (8 rows, one per
+    device) of 4 + 4 tokens, one timed repeat (the defaults, 64 rows of 32 + 32 tokens and 5
+    repeats, take ~100 s here). It failed before the steps put their inputs onto the mesh:
+    the SFT batch's loss mask arrived replicated. eos off: 8 x 4 tokens are generated."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_rl", os.path.join(root,
+                                                                           "benchmarks/rl.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    defaults = bench.parse_args([])
+    assert (defaults.preset, defaults.mesh) == ("tiny", "fsdp=-1")
+    rec = bench.run(["--prompts", "2", "--group", "4", "--prompt-len", "4", "--new-tokens", "4",
+                     "--repeats", "1"])
+    assert rec["devices"] == 8 and rec["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert rec["rows"] == 8 and rec["generated_tokens"] == 2 * 4 * 4
+    for k in ("sft_step_s", "grpo_update_s", "rollout_s"):
+        assert 0 < rec[k] < 60, (k, rec[k])
+    assert '"benchmark": "rl"' in capsys.readouterr().out
