@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from sleep_jax.atomic import write_text
+
 DEFAULT_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 _SPECIAL_ROLES = ("pad", "bos", "eos", "unk")
 _SPACE = "\u2581"  # "▁", SentencePiece's word-start marker.
@@ -249,10 +251,9 @@ def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> str:
     if not path.endswith(".json"):
         os.makedirs(path, exist_ok=True)
         path = os.path.join(path, TOKENIZER_FILE)
-    tmp = path + ".tmp"
-    tok.save(tmp)
-    os.replace(tmp, path)  # a crash mid-save leaves the old file, not half of a new one
-    return path
+    # Atomic: a crash mid-save leaves the old file, not half of a new one. Same bytes as
+    # tok.save(path).
+    return write_text(path, tok.to_str(pretty=True))
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
