@@ -5,7 +5,8 @@ A mesh is written by name, e.g. ``"data=2,tensor=4"`` or ``{"fsdp": -1}``. The t
 works on every layout. Parameters carry logical axis names (``embed``, ``mlp``, ``heads``...);
 ``RULES`` maps each logical name to a mesh axis. A model dimension that its mesh axis does not
 divide (SmolLM2 has 9 heads) is replicated on that axis, and this is reported once per
-(name, size, axis).
+(name, size, axis). ``tree_shardings`` is the one walk from variables' logical names to
+NamedShardings, for a model, an nnx.State, an optimizer state or a whole train state.
 """
 
 from __future__ import annotations
@@ -143,6 +144,59 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
         used.update(axes)
         out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
     return PartitionSpec(*out)
+
+
+def tree_shardings(tree, mesh: Mesh, rules=RULES, *, strict: bool = False):
+    """NamedShardings for any pytree, by the logical names of its NNX variables.
+
+    An ``nnx.Module`` is read as its ``nnx.state``. Each ``nnx.Variable`` (concrete or abstract)
+    with ``logical_axes`` metadata gets the sharding of ``logical_to_spec`` for its own shape;
+    a variable without names, and every other leaf (optimizer counters, the step), is
+    replicated. A variable whose value's rank differs from its names (a scalar mask, a factored
+    moment) is replicated, or raises with ``strict=True`` (model parameters must match).
+    Returns the same structure with NamedSharding values (variables keep their type, so the
+    result is usable as ``in/out_shardings`` of ``jax.jit`` and for ``jax.device_put``).
+    """
+    from flax import nnx
+
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    is_var = lambda x: isinstance(x, nnx.Variable)
+
+    def one(v):
+        if not is_var(v):
+            return replicated
+        names = v.get_metadata().get("logical_axes")
+        shape = tuple(v.shape)
+        if names is None or (len(names) != len(shape) and not strict):
+            return v.replace(replicated)
+        return v.replace(NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules)))
+
+    return jax.tree.map(one, tree, is_leaf=is_var)
+
+
+def rule_axes(name: str, mesh, rules=RULES) -> tuple[str, ...]:
+    """The mesh axes (of size > 1 on ``mesh``) that logical axis ``name`` maps to."""
+    table = dict(rules)
+    if name not in table:
+        raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
+    axes = table[name]
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
+def batch_spec(mesh, shape: Sequence[int], rules=RULES) -> PartitionSpec | None:
+    """PartitionSpec splitting dim 0 of a [B, ...] activation over the ``batch`` rule's axes.
+
+    ``mesh`` may be abstract (``jax.sharding.get_abstract_mesh()``). None when those axes are
+    all size 1 on the mesh or do not divide B (leave the array unconstrained then).
+    """
+    axes = rule_axes("batch", mesh, rules)
+    size = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    if not axes or shape[0] % size:
+        return None
+    return PartitionSpec(axes, *([None] * (len(shape) - 1)))
 
 
 def named_sharding(names, shape, mesh: Mesh, rules=RULES) -> NamedSharding:

@@ -49,3 +49,64 @@ def test_rules_shard_and_replicate_non_divisible(caplog):
     assert meshlib.logical_to_spec(("batch", None), (16, 5), m2) == P(("data", "fsdp"), None)
     with pytest.raises(ValueError, match="'nope'"):
         meshlib.logical_to_spec(("nope",), (4,), m2)
+
+
+def test_tree_shardings_one_walk_for_models_states_and_optimizers():
+    """Variables by their own names and shapes (hand-written specs), everything else
+    replicated; a rank mismatch is replicated or, strict, an error naming the names."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    m = meshlib.make_mesh("fsdp=2,tensor=4")
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.zeros((8, 12)), logical_axes=("embed", "mlp"))
+            self.n = nnx.Param(jnp.ones((8,)), logical_axes=("embed",))
+            self.free = nnx.Param(jnp.zeros((3,)))  # no names: replicated
+            self.h = nnx.Param(jnp.zeros((8, 9)), logical_axes=("embed", "heads"))  # 9 % 4
+
+    model = Tiny()
+    want = {"w": P("fsdp", "tensor"), "n": P("fsdp"), "free": P(), "h": P("fsdp", None)}
+    sh = meshlib.tree_shardings(model, m)
+    for k, spec in want.items():
+        assert sh[k].get_value().spec == spec and sh[k].get_value().mesh == m, k
+    params = nnx.state(model, nnx.Param)
+    opt = optax.adam(1e-3).init(params)
+    osh = meshlib.tree_shardings(opt, m)
+    for k, spec in want.items():  # moments follow the parameters' names
+        assert osh[0].mu[k].get_value().spec == spec, k
+        assert osh[0].nu[k].get_value().spec == spec, k
+    assert osh[0].count.spec == P()  # the counter is replicated
+    abstract = jax.eval_shape(lambda: params)  # abstract states work the same
+    assert meshlib.tree_shardings(abstract, m)["w"].get_value().spec == P("fsdp", "tensor")
+    bad = nnx.Param(jnp.zeros(()), logical_axes=("embed", "mlp"))  # a scalar mask
+    assert meshlib.tree_shardings({"m": bad}, m)["m"].get_value().spec == P()
+    with pytest.raises(ValueError, match=r"\('embed', 'mlp'\) do not match shape \(\)"):
+        meshlib.tree_shardings({"m": bad}, m, strict=True)
+
+
+@pytest.mark.parametrize("spec", ["data=2,fsdp=4", "data=8", "fsdp=8", "tensor=8",
+                                  "data=2,tensor=4", "data=2,fsdp=2,tensor=2"])
+@pytest.mark.parametrize("batch", [8, 6, 2, 1])
+def test_batch_spec_follows_the_batch_rule(spec, batch):
+    """batch_spec == the formula the model used to hard-code (data, fsdp), on concrete and
+    abstract meshes; a custom rule moves it."""
+    m = meshlib.make_mesh(spec)
+    axes = tuple(a for a in ("data", "fsdp") if m.shape[a] > 1)
+    size = 1
+    for a in axes:
+        size *= m.shape[a]
+    want = None if not axes or batch % size else P(axes, None, None)
+    assert meshlib.batch_spec(m, (batch, 5, 3)) == want
+    assert meshlib.batch_spec(m.abstract_mesh, (batch, 5, 3)) == want
+    rules = (("batch", "tensor"),)
+    t = m.shape["tensor"]
+    assert meshlib.batch_spec(m, (batch, 5), rules) == (
+        None if t == 1 or batch % t else P(("tensor",), None))
+
+
+def test_rule_axes_errors_name_the_axis():
+    with pytest.raises(ValueError, match="'bogus' has no rule"):
+        meshlib.rule_axes("bogus", meshlib.make_mesh("fsdp=8"))

@@ -23,7 +23,7 @@ from sleep_jax.grow.axismap import AxisPlan, key_for, resize_mask, resize_moment
 from sleep_jax.grow.depth import depth_plans
 from sleep_jax.grow.experts import expert_plans
 from sleep_jax.grow.ffn import ffn_plans
-from sleep_jax.grow.flat import axes_of, flatten, is_var, rebuild
+from sleep_jax.grow.flat import axes_of, flatten, rebuild
 from sleep_jax.grow.heads import head_plans
 from sleep_jax.grow.optimizer import (
     ClockedTransformation,
@@ -39,9 +39,8 @@ from sleep_jax.grow.optimizer import (
 from sleep_jax.grow.spec import GrowOptions, check_growth
 from sleep_jax.grow.stack import stack_plans
 from sleep_jax.grow.width import width_plans
-from sleep_jax.mesh import RULES, logical_to_spec
+from sleep_jax.mesh import RULES, tree_shardings  # tree_shardings: also imported from here
 from sleep_jax.models.config import ModelConfig
-from sleep_jax.models.sharding import state_shardings
 
 Factory = Callable[[ModelConfig], nnx.Module]
 
@@ -180,22 +179,6 @@ def grow_arrays(params, other, opt_state, rng, *, steps: list[Step], options: Gr
     return new_params, new_other, new_opt, new_mask
 
 
-def tree_shardings(tree, mesh: Mesh, rules=RULES):
-    """NamedShardings for any pytree: variables by their logical names (when the value has
-    their rank), everything else replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def one(v):
-        if not is_var(v):
-            return replicated
-        names = axes_of(v)
-        if names is None or len(names) != len(v.shape):
-            return v.replace(replicated)
-        return v.replace(NamedSharding(mesh, logical_to_spec(names, v.shape, mesh, rules)))
-
-    return jax.tree.map(one, tree, is_leaf=is_var)
-
-
 _CACHE: dict = {}
 
 
@@ -222,7 +205,8 @@ def compile_growth(src: ModelConfig, dst: ModelConfig, mesh: Mesh, example_args,
     for got, want in zip(jax.tree.leaves(out_abs[0]), jax.tree.leaves(abs_p)):
         if (got.shape, got.dtype) != (want.shape, want.dtype):
             raise AssertionError(f"grown params {got} differ from the target model's {want}")
-    shardings = (state_shardings(abs_p, mesh, rules), state_shardings(abs_o, mesh, rules),
+    shardings = (tree_shardings(abs_p, mesh, rules, strict=True),
+                 tree_shardings(abs_o, mesh, rules, strict=True),
                  tree_shardings(out_abs[2], mesh, rules), tree_shardings(out_abs[3], mesh, rules),
                  NamedSharding(mesh, PartitionSpec()))
     if out_abs[4] is None:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sleep_jax.mesh import batch_spec
 from sleep_jax.models.config import ModelConfig, RopeScaling
 
 NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives no NaN
@@ -155,12 +156,8 @@ def _constrain_batch(x):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
-    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    if not axes or x.shape[0] % size:
-        return x
-    spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, spec)
+    spec = batch_spec(mesh, x.shape)  # the `batch` rule of sleep_jax.mesh.RULES
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 class Blocks(nnx.Module):

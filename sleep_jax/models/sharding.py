@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from sleep_jax.mesh import RULES, logical_to_spec
+from sleep_jax.mesh import RULES, tree_shardings
 
 
 def _is_var(x) -> bool:
@@ -32,20 +32,11 @@ def logical_axes(tree) -> object:
 def state_shardings(tree, mesh: Mesh, rules=RULES):
     """NamedSharding for every variable of an NNX module/state (abstract or concrete).
 
-    Variables without logical names are replicated. Returns a state of the same structure whose
-    leaves are NamedShardings (usable as ``out_shardings`` of ``jax.jit``).
+    ``sleep_jax.mesh.tree_shardings`` with ``strict=True``: variables without logical names are
+    replicated, a variable whose names do not match its rank raises. Returns a state of the same
+    structure whose leaves are NamedShardings (usable as ``out_shardings`` of ``jax.jit``).
     """
-    if isinstance(tree, nnx.Module):
-        tree = nnx.state(tree)
-
-    def one(v):
-        names = v.get_metadata().get("logical_axes")
-        shape = v.shape
-        if names is None:
-            return NamedSharding(mesh, PartitionSpec())
-        return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
-
-    return jax.tree.map(lambda v: v.replace(one(v)), tree, is_leaf=_is_var)
+    return tree_shardings(tree, mesh, rules, strict=True)
 
 
 def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> nnx.Module:

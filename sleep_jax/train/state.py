@@ -84,16 +84,14 @@ def train_state_shardings(state: TrainState, mesh: jax.sharding.Mesh, rules=None
     shaped like the parameters (Adam moments) follows the parameters; the remaining optimizer
     leaves (counters) and ``step`` are replicated. Usable as ``in/out_shardings`` of ``jax.jit``.
     """
-    from sleep_jax.mesh import RULES
-    from sleep_jax.models.sharding import state_shardings
+    from sleep_jax.mesh import RULES, tree_shardings
 
     rules = rules or RULES
-    params_sh = state_shardings(state.params, mesh, rules)
-    other_sh = state_shardings(state.other, mesh, rules)
-    pdef = jax.tree.structure(state.params)
+    params_sh = tree_shardings(state.params, mesh, rules, strict=True)
+    other_sh = tree_shardings(state.other, mesh, rules, strict=True)
+    # moments are variables with the parameters' names and shapes; counters are replicated
+    opt_sh = tree_shardings(state.opt_state, mesh, rules)
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_sh = jax.tree.map(lambda sub: params_sh if _params_like(sub, pdef) else repl,
-                          state.opt_state, is_leaf=lambda x: _params_like(x, pdef))
     return state.replace(params=params_sh, other=other_sh, opt_state=opt_sh, step=repl)
 
 
