@@ -5,8 +5,9 @@
 2. y is cut at a random point c in [0, |y| - 1]: the student sees prompt + y[:c] (no memory)
    and samples G continuations (``rl.sample_rollout``), each as long as the teacher's own
    continuation y[c:] (|y| - c tokens; shorter only if the student emits EOS first). Matched
-   lengths matter: a student continuation shorter than y[c:] would be charged the missing
-   characters as edits (4 student tokens against an 8-token remainder is already z ~ 0.5).
+   lengths matter: a student continuation shorter than y[c:] is charged the missing
+   characters as edits (4 perfect tokens against an 8-token remainder of similar words give
+   z ~ 0.5, hence r_lev ~ 0 under z0 = 0.5).
 3. Each continuation a is scored against the teacher's continuation b = y[c:] of the same
    length by the paper's reward gamma * r_sem + (1 - gamma) * r_lev, on decoded text, on the
    host (``rl.rewards``). r_sem in {0, 1} is a frozen judge's verdict. r_lev: with d the
