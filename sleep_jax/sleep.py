@@ -1,0 +1,521 @@
+"""One sleep: Knowledge Seeding of memories into the next free expert slot, with replay.
+
+The one pipeline behind ``sleep-jax sleep`` (``distill/cli.py``) and the demo's methods
+(``demo_run.run_method``):
+
+1. STUDENT (``prepare_student``). A model without expert slots is grown once to
+   ``SleepConfig.slots`` pre-allocated slots (all off; static shapes, so later sleeps compile
+   the same programs); the sleep takes the NEXT FREE slot (``grow.experts.next_free_slot``,
+   ``SlotsExhausted`` when none is left), never one a previous sleep trained, and activates it
+   (random A, B = 0: exact). Only that slot trains, as its own tree
+   (``train.adapters.AdapterState``: the optimizer state covers the adapter only); the trained
+   adapter is written into the slot at the end. ``expert=False`` fine-tunes the whole model.
+2. ROWS (``seeding_rows``). Seeding rows (memory, prompt): the teacher (the pre-sleep model)
+   reads the memory, the student only the prompt. Prompts are either given by the caller
+   (``prompts="given"``: e.g. questions in training wordings and continuation templates, the
+   demo) or cut from the memories (``prompts="memory"``: every sentence cut after its
+   2nd..(n-1)th word, the CLI); any prompt that contains a probe question is dropped.
+   Replay rows (no memory: self-distillation from the pre-sleep model) come from the wake
+   knowledge (``ReplayConfig.source``: the caller's prompts, or prefixes of the model's own
+   unconditional samples) and from EVERY EARLIER SLEEP's seeding prompts, kept in the saved
+   checkpoint (``PROMPTS_FILE`` beside the model).
+3. SEED (``sleep``). ``seeding.make_seeding_step`` (or the SFT train step for the SFT
+   baseline) runs through ``train.loop.run_loop`` on an ``RngSource`` of batches; with a
+   workdir the run writes metrics.jsonl and checkpoints and resumes when re-run.
+4. EVALUATE AND SAVE (``sleep_checkpoint``): closed-book before/after and open-book on the
+   probes; the grown model, the accumulated seeding prompts and the report in the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from sleep_jax.distill import seeding
+from sleep_jax.train.optim import OptimConfig
+
+log = logging.getLogger(__name__)
+
+PROMPTS_FILE = "sleep_prompts.jsonl"  # beside the model: every sleep's seeding prompts
+DEFAULT_FORMAT = "question: {question} answer:"
+REPLAY_SOURCES = ("prompts", "samples", "none")
+PROMPT_SOURCES = ("given", "memory")
+OBJECTIVES = ("seeding", "sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+    """Replay by self-distillation from the pre-sleep model (rows without memory).
+
+    fraction: share of each batch's rows that are replay rows (0 turns replay off).
+    source: what stands for the wake knowledge: "prompts" (the caller's replay prompts, e.g.
+      questions about OLD entities), "samples" (prefixes of ``samples`` unconditional samples of
+      the model, ``sample_tokens`` long, cut to at most ``prefix_tokens``; no labels needed) or
+      "none".
+    earlier_sleeps: also replay every earlier sleep's seeding prompts (from the checkpoint).
+    """
+
+    fraction: float = 0.5
+    source: str = "samples"
+    samples: int = 64
+    sample_tokens: int = 16
+    prefix_tokens: int = 8
+    earlier_sleeps: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"ReplayConfig.fraction={self.fraction} must be in [0, 1)")
+        if self.source not in REPLAY_SOURCES:
+            raise ValueError(f"ReplayConfig.source={self.source!r}; allowed: {REPLAY_SOURCES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SleepConfig:
+    """One sleep's student, optimizer, prompts and budget (the demo's settings by default).
+
+    expert: seed into the next free expert slot (only it trains); False: full fine-tune.
+    slots / rank / router: growth of a model without slots (E pre-allocated slots of rank R,
+      optionally with a learned per-token gate); a model with slots keeps its own.
+    optim: the expert's optimizer (AdamW + warmup + cosine + clipping); full_optim: the full
+      fine-tune's.
+    prompts: "given" (the caller's prompts per memory) or "memory" (cut from the memory text,
+      at most ``max_prompts_per_memory`` each); prompts containing a probe question are dropped.
+    memory_separator: text between the memory and the prompt in the teacher's row.
+    objective: "seeding" (Knowledge Seeding) or "sft" (LM loss on the memory texts, full model;
+      a baseline).
+    eval_every: the caller's eval callback every this many steps (and at the end).
+    log_every / checkpoint_every / keep_checkpoints: the run loop (checkpoints with a workdir).
+    eval_tokens / prompt_format: probe evaluation (greedy tokens, how a question is asked).
+    """
+
+    steps: int = 200
+    batch_size: int = 32
+    expert: bool = True
+    slots: int = 4
+    rank: int = 32
+    router: bool = False
+    slot_std: float = 0.02
+    optim: OptimConfig = OptimConfig(lr=2e-2, warmup_steps=10, weight_decay=0.0)
+    full_optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=10, weight_decay=0.0)
+    prompts: str = "memory"
+    max_prompts_per_memory: int = 24
+    memory_separator: str = " "
+    objective: str = "seeding"
+    sft_seq_len: int = 64
+    seed: int = 0
+    eval_every: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    progress_bar: bool = True
+    eval_tokens: int = 8
+    prompt_format: str = DEFAULT_FORMAT
+
+    def __post_init__(self):
+        if self.prompts not in PROMPT_SOURCES:
+            raise ValueError(f"SleepConfig.prompts={self.prompts!r}; allowed: {PROMPT_SOURCES}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"SleepConfig.objective={self.objective!r}; allowed: {OBJECTIVES}")
+        if self.objective == "sft" and self.expert:
+            raise ValueError("SleepConfig.objective='sft' trains the whole model: set "
+                             "expert=False")
+        for name in ("steps", "batch_size", "slots", "rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SleepConfig.{name}={getattr(self, name)} must be >= 1")
+
+    def optimizer(self) -> OptimConfig:
+        return self.optim if self.expert else self.full_optim
+
+
+def configs_to_dict(sleep_cfg: SleepConfig, seeding_cfg: seeding.SeedingConfig | None,
+                    replay: ReplayConfig) -> dict:
+    """The three configs of a sleep as one JSON-able dict (for reports and checkpoints)."""
+    return {"sleep": dataclasses.asdict(sleep_cfg),
+            "seeding": None if seeding_cfg is None else dataclasses.asdict(seeding_cfg),
+            "replay": dataclasses.asdict(replay)}
+
+
+# ----------------------------------------------------------------------------------- prompts
+
+
+def memory_prompts(text: str, max_per_memory: int = 24) -> list[str]:
+    """Continuation prompts cut from each sentence of a memory (after word 2..n-1)."""
+    out = []
+    for sent in re.split(r"(?<=[.!?])\s+", text.strip()):
+        words = sent.split()
+        out += [" ".join(words[:k]) for k in range(2, len(words))]
+    return out[:max_per_memory]
+
+
+def drop_probe_overlap(prompts: list[str], questions: list[str]) -> tuple[list[str], int]:
+    """Remove prompts that contain (or equal) a probe question, case-insensitively."""
+    qs = [q.strip().lower() for q in questions]
+    keep = [p for p in prompts if not any(q and q in p.lower() for q in qs)]
+    return keep, len(prompts) - len(keep)
+
+
+def read_sleep_prompts(checkpoint_dir: str | os.PathLike) -> list[dict]:
+    """Earlier sleeps' seeding prompts stored beside a model ([] when there are none)."""
+    path = os.path.join(os.fspath(checkpoint_dir), PROMPTS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_sleep_prompts(checkpoint_dir: str | os.PathLike, records: Sequence[dict]) -> str:
+    """Write the seeding-prompt records beside a model (atomically)."""
+    from sleep_jax.atomic import write_text
+
+    return write_text(os.path.join(os.fspath(checkpoint_dir), PROMPTS_FILE),
+                      "".join(json.dumps(r) + "\n" for r in records))
+
+
+@dataclasses.dataclass
+class Rows:
+    """Token rows of one sleep: seeding (memory ids, prompt ids) and replay ([], prompt ids)."""
+
+    seeding: list[tuple[list[int], list[int]]]
+    replay: list[tuple[list[int], list[int]]]
+    records: list[dict]  # this sleep's seeding prompts, for PROMPTS_FILE
+    dropped: int  # prompts dropped for overlapping a probe
+    earlier: int  # replay rows from earlier sleeps
+
+
+def seeding_rows(tokenizer, memories, *, cfg: SleepConfig, replay: ReplayConfig,
+                 prompts: Mapping[str, Sequence[str]] | None = None,
+                 replay_prompts: Sequence[str] | None = None,
+                 replay_ids: Sequence[Sequence[int]] | None = None,
+                 earlier: Sequence[dict] = (), probe_questions: Sequence[str] = (),
+                 sleep_index: int = 0, slot: int | None = None) -> Rows:
+    """The seeding and replay rows of a sleep (see the module docstring, step 2).
+
+    Args:
+      tokenizer: has ``encode(text).ids``.
+      memories: objects with ``id`` and ``text`` (``data.jsonl.Memory``), in order.
+      prompts: {memory id: prompts} for ``cfg.prompts == "given"``.
+      replay_prompts: the wake-knowledge replay prompts (``replay.source == "prompts"``).
+      replay_ids: replay prompts already as ids (``replay.source == "samples"``).
+      earlier: earlier sleeps' prompt records (``read_sleep_prompts``).
+      probe_questions: evaluation questions; prompts containing one are dropped.
+    """
+    enc = lambda s: tokenizer.encode(s).ids
+    rows, records, dropped = [], [], 0
+    for m in memories:
+        if cfg.prompts == "given":
+            if prompts is None or m.id not in prompts:
+                raise ValueError(f"SleepConfig.prompts='given' but no prompts for memory "
+                                 f"{m.id!r}")
+            ps = list(prompts[m.id])
+        else:
+            ps = memory_prompts(m.text, cfg.max_prompts_per_memory)
+        if probe_questions:
+            ps, d = drop_probe_overlap(ps, list(probe_questions))
+            dropped += d
+        mem = enc(m.text + cfg.memory_separator)
+        rows += [(mem, enc(p)) for p in ps]
+        records += [{"sleep": sleep_index, "slot": slot, "memory_id": m.id, "prompt": p}
+                    for p in ps]
+    if not rows:
+        raise ValueError("no seeding prompts: none given or cut from the memories (or all "
+                         "overlapped a probe question)")
+    rep: list = []
+    if replay.fraction > 0:
+        if replay.source == "prompts":
+            if not replay_prompts:
+                raise ValueError("ReplayConfig.source='prompts' needs replay prompts")
+            rep += [([], enc(p)) for p in replay_prompts]
+        elif replay.source == "samples":
+            rep += [([], list(p)) for p in (replay_ids or [])]
+    n_earlier = 0
+    if replay.fraction > 0 and replay.earlier_sleeps:
+        for r in earlier:
+            rep.append(([], enc(r["prompt"])))
+            n_earlier += 1
+    return Rows(rows, rep, records, dropped, n_earlier)
+
+
+def sample_replay_prompts(model, *, replay: ReplayConfig, bos_id: int, eos_id: int | None,
+                          pad_id: int, rng) -> list[list[int]]:
+    """Prefixes of the model's own unconditional samples (replay prompts without labels)."""
+    from sleep_jax.sampling import generate
+
+    n = replay.samples
+    out = generate(model, np.full((n, 1), bos_id, np.int32), np.ones(n, np.int32), rng,
+                   max_new_tokens=replay.sample_tokens, temperature=1.0, eos_id=eos_id,
+                   pad_id=pad_id)
+    toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+    return [[int(t) for t in toks[i, :max(1, min(int(lens[i]) - 1, replay.prefix_tokens))]]
+            for i in range(n) if lens[i] > 1]
+
+
+def batch_fn(rows: Rows, *, batch_size: int, fraction: float, bos_id: int, pad_id: int):
+    """``fn(np_rng) -> SeedingBatch``: B - round(fraction * B) seeding rows and the rest replay
+    rows, drawn with replacement and shuffled (the lambda split then hits both kinds)."""
+    new, old = rows.seeding, rows.replay
+    B = batch_size
+    n_old = int(round(fraction * B)) if old else 0
+    P = max(len(m) + len(p) for m, p in new + old) + 1
+    Q = max(len(p) for _, p in new + old) + 1
+
+    def fn(rng: np.random.Generator):
+        pick = [new[i] for i in rng.integers(0, len(new), B - n_old)]
+        pick += [old[i] for i in rng.integers(0, len(old), n_old)] if n_old else []
+        order = rng.permutation(B)
+        pick = [pick[i] for i in order]
+        return seeding.make_batch([m for m, _ in pick], [p for _, p in pick], bos_id=bos_id,
+                                  teacher_len=P, student_len=Q, pad_id=pad_id)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------- student
+
+
+def prepare_student(base, cfg: SleepConfig, rng, *, mesh):
+    """(student model, slot or None, its config): the grown, activated copy of ``base``.
+
+    Grows 0 -> ``cfg.slots`` slots only when ``base`` has none, then activates the next free
+    slot (``SlotsExhausted`` when every slot is used). ``rng`` is split into the growth key and
+    the new slot's A key. ``expert=False``: ``base`` itself (full fine-tune), slot None.
+    """
+    from sleep_jax.grow import activate_slot, grow_model
+    from sleep_jax.grow.experts import next_free_slot
+
+    mcfg = base.config
+    if not cfg.expert:
+        return base, None, mcfg
+    k1, k2 = jax.random.split(rng)
+    if mcfg.expert_slots == 0:
+        dst = mcfg.replace(expert_slots=cfg.slots, expert_rank=cfg.rank,
+                           expert_router=cfg.router)
+        model, _ = grow_model(base, mcfg, dst, mesh=mesh, rng=k1)
+    else:
+        if cfg.router and not mcfg.expert_router:
+            raise ValueError("SleepConfig.router=True but the model's expert slots have no "
+                             "router (a router is added with the first slots, by growth)")
+        model, dst = base, mcfg
+    slot = next_free_slot(model)
+    model, _ = activate_slot(model, None, slot, k2, std=cfg.slot_std)
+    return model, slot, dst
+
+
+@dataclasses.dataclass
+class SleepResult:
+    """What one sleep returns."""
+
+    model: object  # the student after the sleep (adapter written into its slot)
+    slot: int | None  # the slot this sleep trained (None: full fine-tune)
+    curve: list  # [(step, eval_fn value)] at step 0, every cfg.eval_every and the end
+    history: list[dict]  # the metric records (metrics.jsonl with a workdir: resumed runs too)
+    times: list[float]  # step wall times of this call (the first includes compilation)
+    status: str
+    message: str
+    rows: Rows | None
+    experts: dict  # expert activity per row kind over the last tenth of the steps
+
+    @property
+    def step_s(self) -> float:
+        from sleep_jax.train.loop import typical_step_s
+
+        return typical_step_s(self.times)
+
+    @property
+    def compile_s(self) -> float:
+        return float(self.times[0]) if self.times else 0.0
+
+
+def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
+          seeding_cfg: seeding.SeedingConfig | None, replay: ReplayConfig,
+          prompts: Mapping[str, Sequence[str]] | None = None,
+          replay_prompts: Sequence[str] | None = None, earlier: Sequence[dict] = (),
+          probe_questions: Sequence[str] = (), mesh=None, workdir: str | None = None,
+          eval_fn: Callable | None = None, log_fn: Callable | None = None,
+          desc: str = "sleep") -> SleepResult:
+    """One sleep of ``base`` on ``memories`` (module docstring, steps 1-3).
+
+    Args:
+      base: the pre-sleep model (the teacher; never modified).
+      tokenizer: ``encode(text).ids`` / ``decode(ids)``.
+      memories: ``id``/``text`` objects.
+      tokens: {"bos_id", "eos_id", "pad_id"} (a missing bos is the pad id).
+      cfg, seeding_cfg, replay: the configs (``seeding_cfg`` None with objective "sft").
+      prompts, replay_prompts, earlier, probe_questions: see ``seeding_rows``.
+      mesh: default one device.
+      workdir: run folder: metrics.jsonl and checkpoints (train/); re-running resumes.
+      eval_fn: ``eval_fn(model) -> float`` for the curve (step 0, every cfg.eval_every, end).
+      log_fn: called with each metrics record.
+    Keys and batches: numpy ``default_rng(cfg.seed + 17)`` draws the batches,
+    ``key(cfg.seed + 1)`` is the base key (growth ``fold_in(., 99)``, replay sampling
+    ``fold_in(., 98)``, step i ``fold_in(., i)``), as the demo always had.
+    """
+    from flax import nnx
+
+    from sleep_jax.mesh import make_mesh
+    from sleep_jax.train.adapters import create_adapter_state
+    from sleep_jax.train.loop import LoopConfig, RngSource, read_metrics, run_loop
+    from sleep_jax.train.optim import make_optimizer
+    from sleep_jax.train.state import create_train_state, fresh_copy
+
+    mesh = mesh or make_mesh("fsdp=1", devices=jax.devices()[:1])
+    pad = tokens.get("pad_id") or 0
+    bos = tokens.get("bos_id")
+    bos = pad if bos is None else bos
+    eos = tokens.get("eos_id")
+    np_rng = np.random.default_rng(cfg.seed + 17)
+    key = jax.random.key(cfg.seed + 1)
+    if cfg.objective == "seeding" and seeding_cfg is None:
+        raise ValueError("objective 'seeding' needs a SeedingConfig")
+
+    student, slot, _ = prepare_student(base, cfg, jax.random.fold_in(key, 99), mesh=mesh)
+    tx = make_optimizer(cfg.optimizer(), cfg.steps)
+    if slot is None:
+        state = create_train_state(fresh_copy(student), tx)
+    else:
+        state = create_adapter_state(student, slot, tx)
+    sleep_index = len({r.get("sleep") for r in earlier})
+
+    rows = None
+    if cfg.objective == "sft":
+        from sleep_jax.data.pipeline import make_dataset
+        from sleep_jax.train.step import make_train_step
+
+        ds = make_dataset([m.text for m in memories], tokenizer, seq_len=cfg.sft_seq_len,
+                          batch_size=cfg.batch_size, seed=int(np_rng.integers(1 << 30)),
+                          pack=False)
+        source = iter(ds)
+        step = make_train_step(state, mesh)
+    else:
+        replay_ids = None
+        if replay.fraction > 0 and replay.source == "samples":
+            replay_ids = sample_replay_prompts(base, replay=replay, bos_id=bos, eos_id=eos,
+                                               pad_id=pad, rng=jax.random.fold_in(key, 98))
+        rows = seeding_rows(tokenizer, memories, cfg=cfg, replay=replay, prompts=prompts,
+                            replay_prompts=replay_prompts, replay_ids=replay_ids,
+                            earlier=earlier, probe_questions=probe_questions,
+                            sleep_index=sleep_index, slot=slot)
+        source = RngSource(batch_fn(rows, batch_size=cfg.batch_size, fraction=replay.fraction,
+                                    bos_id=bos, pad_id=pad), np_rng)
+        sstep = seeding.make_seeding_step(seeding_cfg, state, mesh, eos_id=eos, pad_id=pad)
+        tg, ts = nnx.split(base)
+        imitate = None
+        if seeding_cfg.alpha < 1:
+            from sleep_jax.distill.imitation import make_imitation
+
+            imitate = make_imitation(seeding_cfg, decode=tokenizer.decode, judge=None,
+                                     eos_id=eos, pad_id=pad)
+
+        def step(st, batch, k):
+            imit = None if imitate is None else imitate(st, tg, ts, batch,
+                                                        jax.random.fold_in(k, 1))
+            return sstep(st, tg, ts, batch, k, None, imit)
+
+    curve = [(0, eval_fn(state.model()))] if eval_fn is not None else []
+    lcfg = LoopConfig(steps=cfg.steps, log_every=cfg.log_every,
+                      eval_every=cfg.eval_every if eval_fn is not None else 0,
+                      checkpoint_every=cfg.checkpoint_every,
+                      keep_checkpoints=cfg.keep_checkpoints, progress_bar=cfg.progress_bar,
+                      seed=cfg.seed, tensorboard=False)
+    ev = None if eval_fn is None else (lambda n, st: {"eval": float(eval_fn(st.model()))})
+    res = run_loop(step, state, source, cfg=lcfg, rng=key, workdir=workdir, eval_fn=ev,
+                   desc=desc, log_fn=log_fn)
+    history = res.history
+    if workdir is not None:  # a resumed run: the records of every call
+        history = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    curve += [(r["step"], r["eval"]) for r in history if "eval" in r]
+    model = res.state.model()
+    return SleepResult(model=model, slot=slot, curve=curve, history=history, times=res.times,
+                       status=res.status, message=res.message, rows=rows,
+                       experts=expert_activity(history, replay.fraction))
+
+
+def expert_activity(history: Sequence[dict], replay_fraction: float) -> dict:
+    """Mean expert gate and output RMS per row kind over the last tenth of the records."""
+    kinds = ("memory",) if replay_fraction == 0 else ("memory", "replay")
+    names = [f"{a}_{k}_rows" for a in ("gate", "expert_rms") for k in kinds]
+    recs = [r for r in history if names[0] in r]
+    if not recs:
+        return {}
+    tail = recs[-max(1, len(recs) // 10):]
+    vals = np.asarray([[r[n] for n in names] for r in tail], np.float32).mean(0)
+    return {n.replace("expert_rms", "rms"): float(v) for n, v in zip(names, vals)}
+
+
+# ----------------------------------------------------------------------------------- evaluate
+
+
+def evaluate_probes(model, base, tokenizer, memories, probes, *, tokens: Mapping,
+                    cfg: SleepConfig) -> dict:
+    """Closed-book before (base) / after (model) and open-book (base reads the memory) EM/F1."""
+    from sleep_jax.eval import probes as probe_eval
+
+    pad = tokens.get("pad_id") or 0
+    kw = dict(bos_id=tokens.get("bos_id") if tokens.get("add_bos", True) else None,
+              eos_id=tokens.get("eos_id"), pad_id=pad, max_new_tokens=cfg.eval_tokens)
+    fmt = lambda q: cfg.prompt_format.format(question=q)
+    golds = [list(pr.answers) for pr in probes]
+    closed = [fmt(pr.question) for pr in probes]
+    by_id = {m.id: m.text for m in memories}
+    opened = [by_id[pr.memory_id] + cfg.memory_separator + fmt(pr.question) for pr in probes]
+    return {"before": probe_eval.qa_scores(base, tokenizer, closed, golds, **kw),
+            "after": probe_eval.qa_scores(model, tokenizer, closed, golds, **kw),
+            "open_book": probe_eval.qa_scores(base, tokenizer, opened, golds, **kw)}
+
+
+def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, probes, *,
+                     workdir: str, cfg: SleepConfig, seeding_cfg: seeding.SeedingConfig,
+                     replay: ReplayConfig, log_fn: Callable | None = None) -> dict:
+    """A sleep on a checkpoint directory's model (``sleep-jax sleep``); writes into ``workdir``:
+    model/ (the grown checkpoint with ``PROMPTS_FILE``: every sleep's seeding prompts),
+    report.json, report.md, metrics.jsonl and train/ (checkpoints; re-running resumes).
+    Returns the report."""
+    from sleep_jax.atomic import write_json, write_text
+    from sleep_jax.models.checkpoint_dir import save_checkpoint
+
+    if cfg.objective != "seeding":
+        raise ValueError(f"sleep_checkpoint seeds memories; objective={cfg.objective!r}")
+    os.makedirs(workdir, exist_ok=True)
+    tokens = dict(meta["tokens"])
+    earlier = read_sleep_prompts(checkpoint)
+    questions = [pr.question for pr in probes]
+    res = sleep(base, tokenizer, memories, tokens=tokens, cfg=cfg, seeding_cfg=seeding_cfg,
+                replay=replay, earlier=earlier, probe_questions=questions,
+                workdir=workdir, log_fn=log_fn, desc="sleep: seeding")
+    scores = evaluate_probes(res.model, base, tokenizer, memories, probes, tokens=tokens,
+                             cfg=cfg)
+    configs = configs_to_dict(cfg, seeding_cfg, replay)
+    sleeps = list(meta.get("extra", {}).get("sleeps", []))
+    sleeps.append({"slot": res.slot, "memories": len(memories), "configs": configs})
+    model_dir = os.path.join(workdir, "model")
+    save_checkpoint(model_dir, res.model, tokenizer, tokens=tokens,
+                    extra={"grown_from": os.path.abspath(checkpoint), "sleeps": sleeps})
+    write_sleep_prompts(model_dir, list(earlier) + res.rows.records)
+    strip = lambda s: {k: v for k, v in s.items() if k != "predictions"}
+    report = {"before": strip(scores["before"]), "after": strip(scores["after"]),
+              "open_book": strip(scores["open_book"]), "slot": res.slot,
+              "seeding_prompts": len(res.rows.seeding),
+              "dropped_for_probe_overlap": res.rows.dropped,
+              "replay_prompts": len(res.rows.replay),
+              "replay_prompts_from_earlier_sleeps": res.rows.earlier,
+              "steps": cfg.steps, "status": res.status,
+              "step_s": res.step_s if len(res.times) > 3 else None,
+              "configs": configs, "checkpoint": os.path.abspath(checkpoint),
+              "predictions_after": scores["after"]["predictions"]}
+    write_json(os.path.join(workdir, "report.json"), report)
+    lines = ["# Sleep report", "", f"Expert slot {res.slot}." if res.slot is not None else
+             "Full fine-tune.", "", "| probes | EM | F1 |", "|---|---|---|"]
+    for name, key in (("closed book, before", "before"), ("closed book, after", "after"),
+                      ("open book (teacher)", "open_book")):
+        lines.append(f"| {name} | {scores[key]['em']:.3f} | {scores[key]['f1']:.3f} |")
+    lines += ["", f"{len(res.rows.seeding)} seeding prompts ({res.rows.dropped} dropped for "
+              f"overlapping a probe), {len(res.rows.replay)} replay prompts "
+              f"({res.rows.earlier} from earlier sleeps), {cfg.steps} steps.", ""]
+    write_text(os.path.join(workdir, "report.md"), "\n".join(lines))
+    return report
