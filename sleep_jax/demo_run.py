@@ -6,18 +6,16 @@ See ``sleep_jax.demo`` for the story; this module holds the work so each stage c
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
+from sleep_jax.atomic import write_json, write_text
 from sleep_jax.data import world as worldlib
 from sleep_jax.data.pipeline import make_dataset
 from sleep_jax.data.tokenizers import special_ids, word_level_tokenizer
@@ -28,6 +26,8 @@ from sleep_jax.grow import activate_slot, grow_model
 from sleep_jax.mesh import make_mesh
 from sleep_jax.models import ModelConfig, create_model
 from sleep_jax.models.checkpoint_dir import save_checkpoint
+from sleep_jax.sleep import ReplayConfig, SleepConfig, configs_to_dict
+from sleep_jax.sleep import sleep as run_sleep_pipeline
 from sleep_jax.train.optim import OptimConfig, make_optimizer
 from sleep_jax.train.state import create_train_state, fresh_copy
 from sleep_jax.train.step import make_train_step
@@ -90,6 +90,17 @@ def train_base(ctx: Ctx) -> nnx.Module:
 
 
 # ----------------------------------------------------------------------------------- SLEEP
+def entity_prompts(e: worldlib.Entity) -> list[str]:
+    """The seeding prompts of one entity: questions in TRAIN wordings (closed-book form) and the
+    seeding continuation templates. No held-out wording is used."""
+    out = []
+    for a in worldlib.ATTRIBUTES:
+        for k in range(len(worldlib.QUESTION_TEMPLATES[a]["train"])):
+            out.append(worldlib.closed_book_prompt(worldlib.question(e, a, "train", k)))
+    out += [t.format(name=e.name) for t in worldlib.SEEDING_TEMPLATES]
+    return out
+
+
 def seeding_rows(ctx: Ctx, split: str, with_memory: bool) -> list[tuple[list, list]]:
     """(memory ids, prompt ids) rows: TRAIN-wording questions and seeding continuations.
 
@@ -99,40 +110,21 @@ def seeding_rows(ctx: Ctx, split: str, with_memory: bool) -> list[tuple[list, li
     rows = []
     for e in ctx.world.entities(split):
         mem = ctx.prompt_ids(worldlib.passage(e)) if with_memory else []
-        for a in worldlib.ATTRIBUTES:
-            for k in range(len(worldlib.QUESTION_TEMPLATES[a]["train"])):
-                q = worldlib.question(e, a, "train", k)
-                rows.append((mem, ctx.prompt_ids(worldlib.closed_book_prompt(q))))
-        for t in worldlib.SEEDING_TEMPLATES:
-            rows.append((mem, ctx.prompt_ids(t.format(name=e.name))))
+        rows += [(mem, ctx.prompt_ids(p)) for p in entity_prompts(e)]
     return rows
 
 
 def seeding_batches(ctx: Ctx, replay_fraction: float, rng: np.random.Generator):
-    """Endless SeedingBatches: NEW rows with memory, and replay rows on OLD prompts."""
-    cfg = ctx.cfg
+    """Endless SeedingBatches: NEW rows with memory, and replay rows on OLD prompts (the batch
+    shape of the demo's sleep; ``sleep_step_time`` uses it)."""
+    from sleep_jax.sleep import Rows, batch_fn
+
     new = seeding_rows(ctx, "new", True)
     old = seeding_rows(ctx, "old", False) if replay_fraction > 0 else []
-    B = cfg.sleep_batch
-    n_old = int(round(replay_fraction * B))
-    P = max(len(m) + len(p) for m, p in new + old) + 1
-    Q = max(len(p) for _, p in new + old) + 1
+    fn = batch_fn(Rows(new, old, [], 0, 0), batch_size=ctx.cfg.sleep_batch,
+                  fraction=replay_fraction, bos_id=ctx.ids["bos"], pad_id=ctx.ids["pad"])
     while True:
-        pick = [new[i] for i in rng.integers(0, len(new), B - n_old)]
-        pick += [old[i] for i in rng.integers(0, len(old), n_old)] if n_old else []
-        order = rng.permutation(B)  # the lambda split then hits both kinds of row
-        pick = [pick[i] for i in order]
-        yield seeding.make_batch([m for m, _ in pick], [p for _, p in pick],
-                                 bos_id=ctx.ids["bos"], teacher_len=P, student_len=Q,
-                                 pad_id=ctx.ids["pad"])
-
-
-def sft_batches(ctx: Ctx, rng: np.random.Generator):
-    """SFT baseline: batches of NEW passages (the memories), LM loss on every token."""
-    texts = [worldlib.passage(e) for e in ctx.world.entities("new")]
-    ds = make_dataset(texts, ctx.tok, seq_len=64, batch_size=ctx.cfg.sleep_batch,
-                      seed=int(rng.integers(1 << 30)), pack=False)
-    return iter(ds)
+        yield fn(rng)
 
 
 def grow_student(ctx: Ctx, base: nnx.Module, rng, router: bool = False
@@ -167,14 +159,20 @@ METHOD_PARTS = {
 
 @dataclasses.dataclass(frozen=True)
 class MethodPlan:
-    expert: bool  # seed into a new expert slot (only it trains); else the whole model
-    router: bool  # the slot has a learned per-token gate
-    replay: float  # fraction of each batch that self-distils on OLD prompts
+    """A demo method as the sleep pipeline's configs (``sleep_jax.sleep``)."""
+
+    sleep: SleepConfig
     seeding: seeding.SeedingConfig | None  # None: SFT on the NEW passages
+    replay: ReplayConfig
+
+    @property
+    def expert(self) -> bool:
+        return self.sleep.expert
 
 
 def method_plan(cfg, method: str) -> MethodPlan:
-    """The plan of a demo method under the DemoConfig ``cfg``."""
+    """The plan of a demo method under the DemoConfig ``cfg``: one expert slot (the demo grows
+    one sleep's worth), the demo's optimizer, budget and prompts."""
     parts = {"expert": True, "router": False, "replay": "full", **METHOD_PARTS[method]}
     replay = {"full": cfg.replay_fraction, "low": cfg.low_replay_fraction,
               "none": 0.0}[parts["replay"]]
@@ -184,69 +182,37 @@ def method_plan(cfg, method: str) -> MethodPlan:
             gate_l1=cfg.gate_l1 if parts.get("gate_l1") else 0.0,
             expert_l1=cfg.expert_l1 if parts.get("expert_l1") else 0.0,
             alpha=cfg.imitation_alpha if parts.get("imitation") else 1.0)
-    return MethodPlan(parts["expert"], parts["router"], replay, scfg)
+    opt = lambda lr: OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.0)
+    sleep_cfg = SleepConfig(
+        steps=cfg.sleep_steps, batch_size=cfg.sleep_batch, expert=parts["expert"], slots=1,
+        rank=cfg.expert_rank, router=parts["router"], optim=opt(cfg.expert_lr),
+        full_optim=opt(cfg.full_lr), prompts="given", memory_separator="",
+        objective="sft" if parts.get("sft") else "seeding", seed=cfg.seed,
+        eval_every=cfg.eval_every, checkpoint_every=0)
+    return MethodPlan(sleep_cfg, scfg, ReplayConfig(fraction=replay, source="prompts",
+                                                    earlier_sleeps=False))
 
 
 def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
-    """Sleep with one method; returns the trained model, the curve, step timings and, with an
-    expert, its activity per row kind."""
-    cfg = ctx.cfg
-    plan = method_plan(cfg, method)
-    rng = np.random.default_rng(cfg.seed + 17)
-    key = jax.random.key(cfg.seed + 1)
-    steps = cfg.sleep_steps
-    if plan.expert:
-        student, mask, _ = grow_student(ctx, base, jax.random.fold_in(key, 99),
-                                        router=plan.router)
-        lr = cfg.expert_lr
-    else:
-        student, mask, lr = base, None, cfg.full_lr
-    tx = make_optimizer(OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.0), steps)
-    state = create_train_state(fresh_copy(student), tx)
-    curve = [(0, evaluate_curve(state.model()))]
-    times, activity = [], []
-    if plan.seeding is None:
-        step = make_train_step(state, ctx.mesh, mask=mask)
-        data = sft_batches(ctx, rng)
-        run = lambda st, i: step(st, next(data), jax.random.fold_in(key, i))
-    else:
-        scfg = plan.seeding
-        sstep = seeding.make_seeding_step(scfg, state, ctx.mesh, eos_id=ctx.ids["eos"],
-                                          pad_id=ctx.ids["pad"])
-        tg, ts = nnx.split(base)
-        data = seeding_batches(ctx, plan.replay, rng)
-        jmask = None if mask is None else jax.tree.map(jnp.asarray, mask)
-        imitate = None
-        if scfg.alpha < 1:
-            from sleep_jax.distill.imitation import make_imitation
+    """Sleep with one method through the sleep pipeline (``sleep_jax.sleep.sleep``); returns the
+    trained model, the curve, step timings, the method's configs and, with an expert, its
+    activity per row kind."""
+    from sleep_jax.data.jsonl import Memory
 
-            imitate = make_imitation(scfg, decode=ctx.tok.decode, judge=None,
-                                     eos_id=ctx.ids["eos"], pad_id=ctx.ids["pad"])
-
-        def run(st, i):
-            batch, k = next(data), jax.random.fold_in(key, i)
-            imit = None if imitate is None else imitate(st, tg, ts, batch,
-                                                        jax.random.fold_in(k, 1))
-            return sstep(st, tg, ts, batch, k, jmask, imit)
-    kinds = ("memory",) if plan.replay == 0 else ("memory", "replay")
-    names = [f"{a}_{k}_rows" for a in ("gate", "expert_rms") for k in kinds]
-    bar = tqdm(range(steps), desc=f"sleep: {method}", mininterval=2, leave=False)
-    for i in bar:
-        t0 = time.perf_counter()
-        state, m = run(state, i)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-        if "gate_memory_rows" in m:  # device scalars; read once at the end
-            activity.append([m[n] for n in names])
-        if (i + 1) % cfg.eval_every == 0 or i == steps - 1:
-            curve.append((i + 1, evaluate_curve(state.model())))
-            bar.set_postfix(loss=f"{float(m['loss']):.3f}", new_near=f"{curve[-1][1]:.2f}")
-    steady = float(np.median(times[2:])) if len(times) > 3 else float(np.mean(times))
-    out = {"model": state.model(), "curve": curve, "step_s": steady,
-           "compile_s": float(times[0])}
-    if activity:  # expert activity over the last tenth of the steps, per row kind
-        tail = np.asarray(jax.device_get(activity[-max(1, len(activity) // 10):])).mean(0)
-        out["experts"] = {n.replace("expert_rms", "rms"): float(v) for n, v in zip(names, tail)}
+    plan = method_plan(ctx.cfg, method)
+    new = ctx.world.entities("new")
+    memories = [Memory(e.name, worldlib.passage(e)) for e in new]
+    prompts = {e.name: entity_prompts(e) for e in new}
+    replay_prompts = [p for e in ctx.world.entities("old") for p in entity_prompts(e)]
+    r = run_sleep_pipeline(base, ctx.tok, memories, tokens={
+        "bos_id": ctx.ids["bos"], "eos_id": ctx.ids["eos"], "pad_id": ctx.ids["pad"]},
+        cfg=plan.sleep, seeding_cfg=plan.seeding, replay=plan.replay, prompts=prompts,
+        replay_prompts=replay_prompts, mesh=ctx.mesh, eval_fn=evaluate_curve,
+        desc=f"sleep: {method}")
+    out = {"model": r.model, "curve": r.curve, "step_s": r.step_s, "compile_s": r.compile_s,
+           "configs": configs_to_dict(plan.sleep, plan.seeding, plan.replay)}
+    if r.experts:
+        out["experts"] = r.experts
     return out
 
 
@@ -331,7 +297,7 @@ def run_seed(cfg, workdir: str) -> dict:
         return probes.qa_scores(model, tok, curve_prompts, curve_golds, bos_id=ids["bos"],
                                 eos_id=ids["eos"], pad_id=ids["pad"])["em"]
 
-    results, curves, timing = {}, {}, {}
+    results, curves, timing, method_configs = {}, {}, {}, {}
     for method in cfg.methods:
         t0 = time.time()
         r = run_method(ctx, method, base, curve_eval)
@@ -341,11 +307,12 @@ def run_seed(cfg, workdir: str) -> dict:
         curves[method] = r["curve"]
         timing[method] = {"step_s": r["step_s"], "compile_s": r["compile_s"],
                           "wall_s": time.time() - t0}
+        method_configs[method] = r["configs"]
         log.info("%s: %s (%.0f s)", method, _fmt(results[method]), timing[method]["wall_s"])
     sft_s = sft_step_time(ctx, base)
     report = {
         "seed": cfg.seed, "config": dataclasses.asdict(cfg), "model_config": model_cfg.to_dict(),
-        "seeding_config": dataclasses.asdict(seeding.SeedingConfig()),
+        "method_configs": method_configs,
         "base": base_eval, "methods": results, "curves": curves, "timing": timing,
         "sft_step_s_grown": sft_s,
         "seeding_step_cost_x_sft": (timing["sleep"]["step_s"] / sft_s
@@ -366,8 +333,6 @@ def summarize(reports: list[dict], workdir: str) -> str:
     from sleep_jax.eval.report import summary_table
 
     text, data = summary_table(reports)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(data, f, indent=2)
-    with open(os.path.join(workdir, "summary.md"), "w") as f:
-        f.write(text + "\n")
+    write_json(os.path.join(workdir, "summary.json"), data)
+    write_text(os.path.join(workdir, "summary.md"), text + "\n")
     return text

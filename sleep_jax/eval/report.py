@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
+
+from sleep_jax.atomic import atomic_open, write_json, write_text
 
 COLUMNS = (("closed_new_near", "NEW near"), ("closed_new_far", "NEW far"),
            ("closed_old_near", "OLD near"), ("closed_old_far", "OLD far"),
@@ -15,6 +16,23 @@ COLUMNS = (("closed_new_near", "NEW near"), ("closed_new_far", "NEW far"),
 def _row(name: str, r: dict) -> str:
     cells = [f"{r[k]:.3f}" if k in r else "" for k, _ in COLUMNS]
     return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def _config_row(method: str, c: dict) -> str:
+    """One method's own configs (SleepConfig, SeedingConfig, ReplayConfig) as a table row."""
+    sl, sd, rp = c["sleep"], c.get("seeding"), c["replay"]
+    opt = sl["optim"] if sl["expert"] else sl["full_optim"]
+    student = (f"expert slot rank {sl['rank']}" + (" + router" if sl["router"] else "")
+               if sl["expert"] else "full model")
+    if sd is None:
+        options = "SFT on the memories (LM loss)"
+    else:
+        defaults = {"gate_l1": 0.0, "expert_l1": 0.0, "alpha": 1.0}
+        changed = [f"{k}={sd[k]}" for k in defaults if sd[k] != defaults[k]]
+        options = (f"{sd['divergence']}, lam {sd['lam']}, {sd['max_new_tokens']} tokens"
+                   + ("; " + ", ".join(changed) if changed else ""))
+    return (f"| {method} | {student} | {opt['lr']:g} | {opt['warmup_steps']} | {sl['steps']} | "
+            f"{sl['batch_size']} | {rp['fraction']:g} | {options} |")
 
 
 def markdown(report: dict) -> str:
@@ -37,6 +55,12 @@ def markdown(report: dict) -> str:
     for m, t in report["timing"].items():
         lines.append(f"| {m} | {t['step_s'] * 1e3:.1f} | {t['compile_s']:.1f} | "
                      f"{t['wall_s']:.0f} |")
+    configs = report.get("method_configs") or {}
+    if configs:
+        lines += ["", "| method | student | lr | warmup | steps | batch | replay | seeding "
+                  "options |", "|---|---|---|---|---|---|---|---|"]
+        for m, c in configs.items():
+            lines.append(_config_row(m, c))
     lines += ["", f"Base training {report['base_train_s']:.0f} s; whole seed "
               f"{report['wall_s']:.0f} s on {report['platform']}.", "",
               "![accuracy over steps](curves.png)", "", "![before/after](bars.png)", ""]
@@ -62,7 +86,8 @@ def plots(report: dict, workdir: str) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(workdir, "curves.png"))
-    fig.savefig(paths[-1], dpi=100)
+    with atomic_open(paths[-1], "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -78,18 +103,17 @@ def plots(report: dict, workdir: str) -> list[str]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(workdir, "bars.png"))
-    fig.savefig(paths[-1], dpi=100)
+    with atomic_open(paths[-1], "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return paths
 
 
 def write_report(report: dict, workdir: str) -> None:
-    """Write report.json, report.md and the plots into ``workdir``."""
+    """Write report.json, report.md and the plots into ``workdir`` (each atomically)."""
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=float)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(markdown(report))
+    write_json(os.path.join(workdir, "report.json"), report, default=float)
+    write_text(os.path.join(workdir, "report.md"), markdown(report))
     plots(report, workdir)
 
 
