@@ -1,6 +1,7 @@
 """``sleep-jax sleep``: Knowledge Seeding on your own checkpoint, memories and probes.
 
   sleep-jax sleep --checkpoint CKPT --memories M.jsonl --probes P.jsonl --workdir DIR
+      [--config configs/sleep.py[:quick]] [--config.sleep.steps=200] [--config.seeding.lam=0.5]
 
 1. Load the checkpoint (A's format) and the JSONL memories/probes (B's formats).
 2. Seeding prompts come from the memories themselves, never from the probes: every sentence of
@@ -23,53 +24,76 @@ import argparse
 import json
 import sys
 
+from sleep_jax.config import (
+    ConfigError,
+    Flag,
+    check_run_config,
+    default_config_path,
+    from_section,
+    parse_command,
+    write_run_config,
+)
 from sleep_jax.distill import seeding
-from sleep_jax.sleep import drop_probe_overlap, memory_prompts  # noqa: F401 (re-exported)
 
-DEFAULT_FORMAT = "question: {question} answer:"
+# The prompt helpers live with the sleep pipeline (sleep_jax/sleep.py); re-exported here.
+from sleep_jax.sleep import drop_probe_overlap, memory_prompts  # noqa: E402,F401
+
+FLAGS = (Flag("checkpoint", help="checkpoint directory (sleep-jax import / train)", required=True),
+         Flag("memories", help='JSONL {"id", "text"}', required=True),
+         Flag("probes", help='JSONL {"memory_id", "question", "answers"}', required=True),
+         Flag("workdir", help="run folder (re-running resumes)", required=True),
+         Flag("allow_config_change", bool, False,
+              help="resume even though the saved config.json differs"))
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="sleep-jax sleep", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (sleep-jax import)")
-    p.add_argument("--memories", required=True, help='JSONL {"id", "text"}')
-    p.add_argument("--probes", required=True, help='JSONL {"memory_id", "question", "answers"}')
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--expert-rank", type=int, default=64)
-    p.add_argument("--replay-fraction", type=float, default=0.5)
-    p.add_argument("--divergence", default="jsd", help="forward_kl | reverse_kl | jsd")
-    p.add_argument("--lam", type=float, default=0.5, help="fraction of student-sampled rows")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--prompt-format", default=DEFAULT_FORMAT,
-                   help="how a probe question is asked (default %(default)r)")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+def parse(argv: list[str]):
+    """(config, flags, SleepConfig, SeedingConfig, ReplayConfig); (None, ...) after --help.
+
+    Every option is checked here, before any file is read or written: typed overrides, the
+    dataclasses' own value checks, and the prompt format's fields.
+    """
+    from sleep_jax.sleep import ReplayConfig, SleepConfig
+
+    config, args = parse_command(argv, default=default_config_path("sleep.py"), flags=FLAGS,
+                                 prog="sleep-jax sleep", doc=__doc__)
+    if config is None:
+        return None, {}, None, None, None
+    sleep_cfg = from_section(SleepConfig, config.sleep, "sleep")
+    seeding_cfg = from_section(seeding.SeedingConfig, config.seeding, "seeding")
+    replay_cfg = from_section(ReplayConfig, config.replay, "replay")
+    try:
+        sleep_cfg.prompt_format.format(question="q")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"sleep.prompt_format={sleep_cfg.prompt_format!r}: {e!r}; the only "
+                          "field is {question}, e.g. 'question: {question} answer:'") from None
+    return config, args, sleep_cfg, seeding_cfg, replay_cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parse(argv)
     from sleep_jax.data.jsonl import JsonlError, read_memories, read_probes
     from sleep_jax.models.checkpoint_dir import CheckpointError, load_checkpoint
 
     try:
-        memories = read_memories(a.memories)
-        probes = read_probes(a.probes, memory_ids={m.id for m in memories})
-        base, tok, meta = load_checkpoint(a.checkpoint)
+        config, a, sleep_cfg, seeding_cfg, replay_cfg = parse(
+            list(sys.argv[1:] if argv is None else argv))
+        if config is None:
+            return 0  # --help
+        check_run_config(a["workdir"], config, a["allow_config_change"])
+        memories = read_memories(a["memories"])
+        probes = read_probes(a["probes"], memory_ids={m.id for m in memories})
+        base, tok, meta = load_checkpoint(a["checkpoint"])
         if tok is None:
-            raise ValueError(f"checkpoint {a.checkpoint!r} has no tokenizer.json; sleep needs "
-                             "one to read memories")
-        scfg = seeding.SeedingConfig(divergence=a.divergence, lam=a.lam,
-                                     max_new_tokens=a.max_new_tokens)
-        if not 0.0 <= a.replay_fraction < 1.0:
-            raise ValueError(f"--replay-fraction={a.replay_fraction} must be in [0, 1)")
-    except (JsonlError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"sleep-jax sleep: {e}", file=sys.stderr)
+            raise ValueError(f"checkpoint {a['checkpoint']!r} has no tokenizer.json; sleep "
+                             "needs one to read memories")
+    except (ConfigError, JsonlError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"sleep-jax sleep: error: {e}", file=sys.stderr)
         return 2
-    report = run_sleep(a, base, tok, meta, memories, probes, scfg)
+    write_run_config(a["workdir"], config, a["allow_config_change"])
+    report = run_sleep(a["checkpoint"], base, tok, meta, memories, probes, seeding_cfg,
+                       workdir=a["workdir"], sleep_cfg=sleep_cfg, replay_cfg=replay_cfg)
     print(json.dumps({k: report[k] for k in ("before", "after", "open_book")}, indent=2))
+    print(f"outputs in {a['workdir']}: report.json, report.md, metrics.jsonl, model/ (the "
+          f"grown checkpoint; sleep on it again with --checkpoint {a['workdir']}/model)")
     return 0
 
 
