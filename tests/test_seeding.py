@@ -90,6 +90,37 @@ def test_seeding_step_moves_only_new_parameters(grown):
             assert np.array_equal(old, new), f"{key} changed but is frozen"
 
 
+def test_seeding_step_on_an_adapter_state_equals_the_masked_full_model_step(grown):
+    """The sleep pipeline's path (only the slot's adapter tree trains, ``train.adapters``)
+    against the masked full-model path: same divergences, same trained slot."""
+    from sleep_jax.train.adapters import create_adapter_state
+
+    base, student, mask = grown
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    rng = np.random.default_rng(1)
+    batch = seeding.make_batch(_rows(rng, 8, 3, 9), _rows(rng, 8, 2, 6), bos_id=1,
+                               teacher_len=16, student_len=8)
+    mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
+    scfg = seeding.SeedingConfig(max_new_tokens=3)
+    tg, ts = nnx.split(base)
+    full = create_train_state(fresh_copy(student), tx)
+    adapter = create_adapter_state(student, 0, tx)
+    step_f = seeding.make_seeding_step(scfg, full, mesh, eos_id=2)
+    step_a = seeding.make_seeding_step(scfg, adapter, mesh, eos_id=2)
+    jmask = jax.tree.map(jnp.asarray, mask)
+    for i in range(3):
+        full, mf = step_f(full, tg, ts, batch, jax.random.key(i), jmask)
+        adapter, ma = step_a(adapter, tg, ts, batch, jax.random.key(i), None)
+        np.testing.assert_allclose(float(ma["divergence"]), float(mf["divergence"]),
+                                   rtol=1e-4)
+    assert step_a.jitted._cache_size() == 1
+    a = nnx.state(adapter.model(), nnx.Param)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
+                            jax.tree.leaves(full.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def test_seeding_prompts_are_disjoint_from_evaluation():
     from sleep_jax.data import world as worldlib
     from sleep_jax.data.tokenizers import special_ids, word_level_tokenizer
