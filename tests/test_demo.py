@@ -8,12 +8,18 @@ import os
 from sleep_jax.demo import main
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The quick preset shrunk further: nothing asserted here depends on the sizes or on learning
+# (the quick preset alone took about a tenth of the suite's time on 2 cores).
+SMALLER = [f"--config.demo.{k}={v}" for k, v in dict(
+    n_old=8, n_new=4, rc_items=40, general_items=10, embed=32, mlp=64, expert_rank=4,
+    base_steps=6, base_batch=8, base_warmup=2, sleep_steps=4, sleep_batch=8,
+    eval_every=2).items()]
 
 
 def test_demo_quick_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
     assert main(["--config", f"{CONFIGS}/demo.py:quick", "--workdir", str(out),
-                 "--config.demo.methods=('sft','sleep_gated')"]) == 0
+                 "--config.demo.methods=('sft','sleep_gated')", *SMALLER]) == 0
     seed = out / "seed0"
     report = json.loads((seed / "report.json").read_text())
     assert set(report["methods"]) == {"sft", "sleep_gated"}
