@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
+# Two pytest-xdist workers (one per core on a 2-core host), one test file per worker at a time
+# (its module fixtures computed once; only test_convert.py uses the SmolLM2 session fixture),
+# slow files first (tests/conftest.py).
+# PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test install lint bench clean
 
@@ -22,7 +27,8 @@ demo: $(STAMP)
 	$(VENV)/bin/sleep-jax demo $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=25 -n $(PYTEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sleep_jax tests benchmarks configs

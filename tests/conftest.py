@@ -44,3 +44,19 @@ def smollm2(smollm2_path):
     from sleep_jax.models.gguf import load_gguf
 
     return load_gguf(smollm2_path)
+
+
+# Files measured slowest (2026-12-01, --durations), started first under pytest-xdist (`make test`
+# runs `-n 2 --dist loadfile --no-loadscope-reorder`), so that no long file is left running
+# alone at the end. Order within a file is kept; a plain (non-xdist) run is not reordered.
+SLOW_FIRST = ("test_grow_ops.py", "test_grow_train.py", "test_convert.py", "test_rl.py",
+              "test_grow_cli.py", "test_checkpoint.py", "test_demo.py", "test_seeding.py",
+              "test_seeding_learning.py", "test_sleep.py", "test_loop.py", "test_train.py",
+              "test_sampling.py", "test_checkpoint_dir.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(SLOW_FIRST)))  # stable
