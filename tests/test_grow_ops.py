@@ -22,6 +22,7 @@ from sleep_jax.grow import (
     reset_slots,
     used_slots,
 )
+from sleep_jax.grow.optimizer import EntryClockState
 from sleep_jax.mesh import make_mesh
 from sleep_jax.models import Decoder, ModelConfig, create_model, state_shardings
 from sleep_jax.train.loss import cross_entropy
@@ -89,9 +90,18 @@ def test_operator_preserves_logits_and_shapes(source, name):
         assert bool(jnp.all(out == source["ref"])), "expected bitwise-equal logits"
     else:
         _close(out, source["ref"])
-    # something is new (mask) and the adam step count is kept
+    # something is new (mask) and the adam step count is kept; entries whose moments start at
+    # zero (new, not copies) get their own clock (EntryClockState), copies keep clock 0
     assert any(bool(jnp.any(m)) for m in jax.tree.leaves(mask))
-    assert int(state.step) == 0 and int(state.opt_state[0].count) == 0
+    opt = state.opt_state
+    if name in ("width_replicate", "heads_split", "ffn_split"):  # copies only: no new clock
+        assert not isinstance(opt, EntryClockState) and state.tx is source["state"].tx
+    else:
+        assert isinstance(opt, EntryClockState) and state.tx.clocks == 2
+        assert np.asarray(opt.start).tolist() == [[0], [0]]
+        assert any(bool(np.any(np.asarray(c) == 1)) for c in jax.tree.leaves(opt.clock))
+        opt = opt.inner
+    assert int(state.step) == 0 and int(opt[0].count) == 0
 
 
 def test_norm_eps_derivation():
@@ -263,7 +273,10 @@ def test_composed_growth_across_mesh_pairs(source):
         want_p = jax.tree.leaves(nnx.state(want, nnx.Param))
         for x, w in zip(jax.tree.leaves(grown.params), want_p):
             assert x.sharding.is_equivalent_to(w, x.ndim), (src_spec, dst_spec, x.sharding, w)
-        for x, w in zip(jax.tree.leaves(grown.opt_state[0].mu), want_p):
+        assert isinstance(grown.opt_state, EntryClockState)  # new slots and layers: clock 1
+        for x, w in zip(jax.tree.leaves(grown.opt_state.inner[0].mu), want_p):
+            assert x.sharding.is_equivalent_to(w, x.ndim)
+        for x, w in zip(jax.tree.leaves(grown.opt_state.clock), want_p):  # sharded like params
             assert x.sharding.is_equivalent_to(w, x.ndim)
         for x in jax.tree.leaves((grown.other, mask, grown.step)):
             assert x.sharding.mesh.shape == dst_mesh.shape

@@ -264,6 +264,45 @@ def test_second_growth_adds_a_clock(setup):
     assert entry_clocks(make_tx(), 3).init(again.params).start.shape == (3, 1)
 
 
+def test_activated_slot_gets_its_own_adam_count(setup):
+    """activate_slot on a live state zeroes the slot's moments after T = 50 steps; from then on
+    the slot moves exactly like a fresh optax Adam on it alone, and every other entry moves as
+    the state without the activation does (Adam's update does not read the weights)."""
+    from sleep_jax.grow import activate_slot
+
+    mesh = setup[0]
+    T, K = 50, 3
+    make_tx = lambda: optax.adam(1e-3, b2=0.999)
+    src = create_train_state(create_model(SRC.replace(expert_slots=2), mesh=mesh, seed=0),
+                             make_tx())
+    step = jax.jit(apply_gradients)
+    for t in range(T):
+        src = step(src, _random_grads(src.params, jax.random.key(t)))
+    state, _ = activate_slot(src, None, 0, jax.random.key(7))
+    assert state.tx.clocks == 2 and np.asarray(state.opt_state.start).tolist() == [[0], [T]]
+    ref_tx = make_tx()
+    names = ("expert_a", "expert_b")
+    ref_p = {n: state.params["blocks"][n][...][:, 0] for n in names}
+    ref_opt = ref_tx.init(ref_p)
+    start, other0 = flatten(state.params), flatten(src.params)
+    other = src
+    for t in range(K):
+        g = _random_grads(state.params, jax.random.key(1000 + t))
+        upd, ref_opt = ref_tx.update({n: g["blocks"][n][...][:, 0] for n in names}, ref_opt)
+        ref_p = optax.apply_updates(ref_p, upd)
+        state, other = step(state, g), step(other, g)
+    for n in names:
+        np.testing.assert_allclose(np.asarray(state.params["blocks"][n][...][:, 0]),
+                                   np.asarray(ref_p[n]), rtol=1e-6, atol=1e-7, err_msg=n)
+    got, want = flatten(state.params), flatten(other.params)
+    for k in got:  # every other entry: the same step as without the activation
+        d_got = np.asarray(got[k][...]) - np.asarray(start[k][...])
+        d_want = np.asarray(want[k][...]) - np.asarray(other0[k][...])
+        if k.endswith(("['expert_a']", "['expert_b']")):
+            d_got, d_want = d_got[:, 1:], d_want[:, 1:]
+        np.testing.assert_allclose(d_got, d_want, rtol=1e-5, atol=1e-9, err_msg=k)
+
+
 @pytest.mark.parametrize("text, field", [
     ("head_dim=16", "head_dim"), ("vocab=128", "vocab"), ("layers=1", "layers"),
     ("bogus=3", "bogus"), ("embed=abc", "embed"), ("rope_theta=5", "rope_theta"),

@@ -26,15 +26,14 @@ from sleep_jax.grow.ffn import ffn_plans
 from sleep_jax.grow.flat import axes_of, flatten, rebuild
 from sleep_jax.grow.heads import head_plans
 from sleep_jax.grow.optimizer import (
-    ClockedTransformation,
-    EntryClockState,
     attach_clocks,
+    check_tx,
     collect_moments,
-    entry_clocks,
     rebuild_opt_state,
     resize_clock,
     resize_flag,
     split_clocks,
+    tx_for,
 )
 from sleep_jax.grow.spec import GrowOptions, check_growth
 from sleep_jax.grow.stack import stack_plans
@@ -241,20 +240,11 @@ def grow(state, src_cfg: ModelConfig, dst_cfg: ModelConfig, *, mesh: Mesh, rng: 
       so new entries' updates equal a fresh optimizer's on them and old entries continue their
       own moments and count. Restore such a state with ``entry_clocks(tx, G)`` as its ``tx``.
     """
-    if isinstance(state.opt_state, EntryClockState) and not (
-            isinstance(state.tx, ClockedTransformation)
-            and state.tx.clocks == state.opt_state.start.shape[0]):
-        raise ValueError(f"grow: the optimizer state has {state.opt_state.start.shape[0]} entry "
-                         f"clocks but state.tx is {type(state.tx).__name__} without them; use "
-                         f"entry_clocks(tx, {state.opt_state.start.shape[0]}) as the state's tx")
+    check_tx(state.tx, state.opt_state)
     args = (state.params, state.other, state.opt_state, state.step, rng)
     fn, graphdef, _ = compile_growth(src_cfg, dst_cfg, mesh, args, options, factory)
     params, other, opt_state, mask, step = fn(*args)
-    tx = state.tx
-    if isinstance(opt_state, EntryClockState):
-        G = int(opt_state.start.shape[0])
-        if not (isinstance(tx, ClockedTransformation) and tx.clocks == G):
-            tx = entry_clocks(tx.inner if isinstance(tx, ClockedTransformation) else tx, G)
+    tx = tx_for(state.tx, opt_state)
     return state.replace(graphdef=graphdef, params=params, other=other, opt_state=opt_state,
                          step=step, tx=tx), mask
 

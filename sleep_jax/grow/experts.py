@@ -31,6 +31,13 @@ from flax import nnx
 
 from sleep_jax.grow.axismap import AxisPlan, embed_role, key_for
 from sleep_jax.grow.flat import axes_of, flatten, is_var, rebuild
+from sleep_jax.grow.optimizer import (
+    EntryClockState,
+    attach_clocks,
+    check_tx,
+    split_clocks,
+    tx_for,
+)
 from sleep_jax.models.config import ModelConfig
 
 
@@ -195,7 +202,9 @@ def activate_slot(state, layers: int | Sequence[int] | None, slot: int, rng: jax
     Returns:
       (state, trainable_mask): the same kind of object as ``state``, and a pytree like its
       params of bool arrays that marks only A[layers, slot] and B[layers, slot] (scalars False
-      elsewhere); the slot's optimizer moments start at zero.
+      elsewhere); the slot's optimizer moments start at zero, with their own bias-correction
+      count when the optimizer keeps one (a new entry clock, as after growth:
+      ``sleep_jax.grow.optimizer``; the state's ``tx`` becomes ``entry_clocks(tx, G)``).
     Raises:
       ValueError: ``slot`` is already on (without ``overwrite``), or is not an int in [0, E).
     """
@@ -233,6 +242,14 @@ def _apply(state, layers, slots, rng, std, *, on: bool):
         graphdef, params, other = nnx.split(state, nnx.Param, ...)
         params, other, _, mask = _set_slots(params, other, None, layers, slots, rng, std, on)
         return nnx.merge(graphdef, params, other), mask
-    params, other, opt, mask = _set_slots(state.params, state.other, state.opt_state, layers,
-                                          slots, rng, std, on)
-    return state.replace(params=params, other=other, opt_state=opt), mask
+    inner, clock, start = split_clocks(state.opt_state)
+    check_tx(state.tx, state.opt_state)
+    params, other, inner, mask = _set_slots(state.params, state.other, inner, layers, slots,
+                                            rng, std, on)
+    opt = inner if clock is None else EntryClockState(inner, clock, start)
+    if on and inner is not None:  # the slot's zeroed moments get their own Adam count
+        fresh = {k: v[...] for k, v in flatten(mask).items() if _has_slots(v)}
+        clocks = None if clock is None else {k: v[...] for k, v in flatten(clock).items()}
+        opt = attach_clocks(inner, params, fresh, clocks, start)
+    return state.replace(params=params, other=other, opt_state=opt,
+                         tx=tx_for(state.tx, opt)), mask

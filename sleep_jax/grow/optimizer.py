@@ -16,14 +16,15 @@ count k = t - T, not the global t: with the global one its k-th update is scaled
 1e4 steps with b2 = 0.999, 0.45x at k = 1 with b2 = 0.95. So ``grow`` gives every parameter
 entry a *clock*: the optimizer state becomes ``EntryClockState(inner, clock, start)`` with
 ``clock`` an int8 tree shaped like the parameters (0 for the source's entries, g for entries new
-at the g-th growth) and ``start[g]`` the step counts at which clock g started; the state's
-transformation becomes ``entry_clocks(tx, G)``, which runs ``tx.update`` once per clock with
-every counted state's ``count`` (an optax state holding ``count`` beside parameter-shaped
-moments, e.g. Adam's) shifted to ``count - start[g]`` and takes each entry's update from its own
-clock. The moments and every other counter (learning-rate schedules, global-norm clipping) are
-shared, so old entries continue exactly as before and new entries move exactly as a fresh
-optimizer on them would, under the run's learning-rate schedule. Cost: G optimizer updates per
-step (elementwise; the forward/backward is untouched) and one int8 per parameter.
+at the g-th growth or slot activation) and ``start[g]`` the step counts at which clock g
+started; the state's transformation becomes ``entry_clocks(tx, G)``, which runs ``tx.update``
+once per clock with every counted state's ``count`` (an optax state holding ``count`` beside
+parameter-shaped moments, e.g. Adam's) shifted to ``count - start[g]`` and takes each entry's
+update from its own clock. The moments and every other counter (learning-rate schedules,
+global-norm clipping) are shared, so old entries continue exactly as before and new entries move
+exactly as a fresh optimizer on them would, under the run's learning-rate schedule. Cost: G
+optimizer updates per step (elementwise; the forward/backward is untouched) and one int8 per
+parameter.
 """
 
 from __future__ import annotations
@@ -126,6 +127,30 @@ def entry_clocks(tx: optax.GradientTransformation, clocks: int) -> ClockedTransf
     wrapped.inner = tx
     wrapped.clocks = clocks
     return wrapped
+
+
+def check_tx(tx, opt_state) -> None:
+    """Raise unless ``tx`` can update ``opt_state`` as far as entry clocks go."""
+    if isinstance(opt_state, EntryClockState):
+        G = int(opt_state.start.shape[0])
+        if not (isinstance(tx, ClockedTransformation) and tx.clocks == G):
+            raise ValueError(f"the optimizer state has {G} entry clocks but the state's tx is "
+                             f"{type(tx).__name__} with "
+                             f"{getattr(tx, 'clocks', 'no')} clocks; use entry_clocks(tx, {G}) "
+                             f"as the state's tx")
+
+
+def tx_for(tx, opt_state):
+    """``tx`` wrapped (or re-wrapped) with as many clocks as ``opt_state`` has; unchanged when
+    ``opt_state`` has no clocks or ``tx`` already matches."""
+    if not isinstance(opt_state, EntryClockState):
+        return tx
+    G = int(opt_state.start.shape[0])
+    if isinstance(tx, ClockedTransformation):
+        if tx.clocks == G:
+            return tx
+        tx = tx.inner
+    return entry_clocks(tx, G)
 
 
 def resize_flag(flag, shape: tuple[int, ...], axes: tuple[str, ...], plan: AxisPlan):
