@@ -121,7 +121,7 @@ def test_adam_steps_on_the_adapter_equal_masked_full_model_steps(slotted):
         np.testing.assert_allclose(np.asarray(v[...]), ref[name], rtol=1e-5, atol=1e-7)
     # the model written back equals the masked full-model result everywhere
     back = nnx.state(adapters.write_back(st_a), nnx.Param)
-    for (pa, a), (pb, b) in zip(jax.tree_util.tree_leaves_with_path(back),
+    for (pa, a), (_pb, b) in zip(jax.tree_util.tree_leaves_with_path(back),
                                 jax.tree_util.tree_leaves_with_path(st_f.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7,
                                    err_msg=jax.tree_util.keystr(pa))
