@@ -162,3 +162,30 @@ def test_mask_dropped_without_reordering_changes_padded_rows():
     (toks, lps, _), (toks1, lps1, _) = rows[2]  # row 2 has no padding: unaffected
     assert toks.tolist() == toks1.tolist()
     np.testing.assert_allclose(lps, lps1, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_returns_one_struct_and_checks_capabilities(tiny_model, tiny_cfg):
+    from sleep_jax.grow import grow_model
+    from sleep_jax.mesh import make_mesh
+    from sleep_jax.models.protocol import EXPERTS, HIDDEN, LMOutput, capabilities, forward
+
+    tokens = jax.random.randint(jax.random.key(3), (2, 6), 0, tiny_cfg.vocab)
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    logits, _, hidden = tiny_model(tokens, positions, return_hidden=True)
+    out = forward(tiny_model, tokens, positions, hidden=True)
+    assert isinstance(out, LMOutput) and out.experts is None
+    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(logits))
+    np.testing.assert_array_equal(np.asarray(out.hidden), np.asarray(hidden))
+    assert capabilities(tiny_model) == {HIDDEN}  # no expert slots: no expert activity
+    with pytest.raises(ValueError, match="does not declare the 'experts' capability"):
+        forward(tiny_model, tokens, positions, experts=True)
+    dst = tiny_cfg.replace(expert_slots=2, expert_rank=4)
+    grown, _ = grow_model(tiny_model, tiny_cfg, dst, mesh=make_mesh("fsdp=1", jax.devices()[:1]),
+                          rng=jax.random.key(0))
+    assert capabilities(grown) == {HIDDEN, EXPERTS}
+    ref = grown(tokens, positions, return_experts=True)[2]
+    ex = forward(grown, tokens, positions, experts=True).experts
+    np.testing.assert_array_equal(np.asarray(ex["out_rms"]), np.asarray(ref["out_rms"]))
+    plain = RecomputeLM(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), fn=lambda m, t, p, k: m(t),
+                        config=None)
+    assert capabilities(plain) == {HIDDEN}

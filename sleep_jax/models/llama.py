@@ -198,6 +198,11 @@ class Decoder(nnx.Module):
     -> (logits[B,T,V], cache)``; ``return_hidden=True`` adds the final hidden states [B,T,D].
     """
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Hidden states always; expert activity when the model has expert slots."""
+        return frozenset({"hidden", "experts"} if self.config.expert_slots else {"hidden"})
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         pd = jnp.dtype(cfg.param_dtype)

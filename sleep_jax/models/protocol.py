@@ -6,6 +6,12 @@ A causal LM plugs in when it offers::
         -> (logits[B,T,V], cache)        # return_hidden=True adds hidden[B,T,D]
     model.init_cache(batch, max_len) -> cache
     model.config                          # frozen dataclass with the sizes growth needs
+    model.capabilities                    # optional: {"hidden", "experts"} it offers
+
+Inside sleep_jax every forward pass goes through ``forward(model, ...) -> LMOutput`` (logits,
+cache, hidden, experts), so no caller depends on a tuple whose length depends on flags, and
+components check capabilities instead of the concrete class (distill/ never imports the
+decoder).
 
 ``mask[B,T]`` marks real (non-padding) tokens; attention is causal within a segment; with a
 cache the new tokens are appended at the cache's write index and ``positions`` give each row's
@@ -32,7 +38,7 @@ Models that do not follow it are wrapped:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +55,59 @@ class CausalLM(Protocol):
                  return_hidden: bool = False): ...
 
     def init_cache(self, batch: int, max_len: int) -> Any: ...
+
+
+# Capabilities a model may declare (``model.capabilities``) beyond the protocol's
+# ``(logits, cache)``: "hidden" (``return_hidden=True`` adds the final hidden states [B,T,D];
+# PPO's value head reads them) and "experts" (``return_experts=True`` adds the expert slots'
+# activity ``{"gate": [L,B,T,E], "out_rms": [L,B,T]}``; seeding's expert costs and metrics).
+HIDDEN, EXPERTS = "hidden", "experts"
+
+
+class LMOutput(NamedTuple):
+    """One forward pass inside sleep_jax (models themselves return the protocol's tuple).
+
+    logits [B,T,V]; cache (or None); hidden [B,T,D] when asked; experts (the activity dict)
+    when asked.
+    """
+
+    logits: jax.Array
+    cache: Any = None
+    hidden: jax.Array | None = None
+    experts: dict | None = None
+
+
+def capabilities(model) -> frozenset[str]:
+    """What ``model`` declares beyond ``(logits, cache)``: a subset of {HIDDEN, EXPERTS}."""
+    return frozenset(getattr(model, "capabilities", ()))
+
+
+def forward(model, tokens, positions, *, cache=None, mask=None, segment_ids=None,
+            hidden: bool = False, experts: bool = False) -> LMOutput:
+    """Call a protocol model and return an ``LMOutput``; the one place that knows the tuple.
+
+    Args:
+      model: a protocol model; ``hidden``/``experts`` need the matching capability.
+      tokens, positions: [B,T]; cache, mask [B,T], segment_ids [B,T] as the protocol.
+      hidden: also return the final hidden states [B,T,D].
+      experts: also return the expert slots' activity.
+    Raises:
+      ValueError: the model does not declare a capability that was asked for.
+    """
+    caps = capabilities(model)
+    kw = {}
+    for name, want, flag in ((HIDDEN, hidden, "return_hidden"),
+                             (EXPERTS, experts, "return_experts")):
+        if want:
+            if name not in caps:
+                raise ValueError(f"{type(model).__name__} does not declare the {name!r} "
+                                 f"capability (its capabilities: {sorted(caps)}); declare "
+                                 f"`capabilities` and accept {flag}=True to offer it")
+            kw[flag] = True
+    out = model(tokens, positions, cache=cache, mask=mask, segment_ids=segment_ids, **kw)
+    rest = list(out[2:])
+    return LMOutput(out[0], out[1], rest.pop(0) if hidden else None,
+                    rest.pop(0) if experts else None)
 
 
 class RecomputeLM(nnx.Module):
@@ -72,6 +131,8 @@ class RecomputeLM(nnx.Module):
     ``fn`` never sees a padding token before a real one, and a padded row gets the same logits
     as that row alone, even if ``fn`` ignored ``mask``.
     """
+
+    capabilities = frozenset({HIDDEN})  # when ``fn`` returns (logits, hidden)
 
     def __init__(self, module: nnx.Module, fn: Callable, config: Any = None):
         self.module = module

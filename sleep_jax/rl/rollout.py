@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from sleep_jax.models.protocol import HIDDEN, capabilities, forward
 from sleep_jax.rl.config import RLConfig
 from sleep_jax.rl.losses import token_entropy
 from sleep_jax.sampling import generate, join, token_logprobs
@@ -51,11 +52,18 @@ class ValueLM(nnx.Module):
     """
 
     def __init__(self, lm: nnx.Module):
+        if HIDDEN not in capabilities(lm):
+            raise ValueError(f"ValueLM reads the final hidden states: {type(lm).__name__} does "
+                             f"not declare the {HIDDEN!r} capability ({sorted(capabilities(lm))})")
         self.lm = lm
         self.config = lm.config
         d = lm.config.embed
         self.value_w = nnx.Param(jnp.zeros((d,), jnp.float32), logical_axes=("embed",))
         self.value_b = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return capabilities(self.lm)
 
     def __call__(self, tokens, positions, cache=None, mask=None, segment_ids=None, **kw):
         return self.lm(tokens, positions, cache=cache, mask=mask, segment_ids=segment_ids, **kw)
@@ -64,7 +72,8 @@ class ValueLM(nnx.Module):
         return self.lm.init_cache(batch, max_len, dtype)
 
     def values(self, tokens, positions, mask=None):
-        logits, _, h = self.lm(tokens, positions, mask=mask, return_hidden=True)
+        out = forward(self.lm, tokens, positions, mask=mask, hidden=True)
+        logits, h = out.logits, out.hidden
         v = jnp.einsum("btd,d->bt", h.astype(jnp.float32), self.value_w[...]) + self.value_b[...]
         return logits, v
 
