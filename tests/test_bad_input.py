@@ -301,3 +301,18 @@ def test_device_would_not_have_refused():
     assert not bool(jnp.isnan(model(jnp.asarray([[7, 1]]), jnp.arange(2)[None])[0]).any())
     logits = model(jnp.asarray([[8, 1]]), jnp.arange(2)[None])[0]
     assert bool(jnp.isnan(logits).all())  # the whole row, not only the bad position
+
+
+def test_pad_rows_by_hand():
+    from sleep_jax.data.tokenizers import pad_rows
+
+    toks, lens = pad_rows([[5, 6, 7], [8]], pad_id=0)
+    np.testing.assert_array_equal(toks, [[5, 6, 7], [8, 0, 0]])
+    np.testing.assert_array_equal(lens, [3, 1])
+    toks, _ = pad_rows([[1, 2, 3]], pad_id=9, multiple=4)
+    np.testing.assert_array_equal(toks, [[1, 2, 3, 9]])
+    assert toks.dtype == np.int32 and pad_rows([[1]], width=2)[0].shape == (1, 2)
+    with pytest.raises(ValueError, match="prompt 1 has 3 tokens; allowed 0..2"):
+        pad_rows([[1], [1, 2, 3]], width=2, where="prompt")
+    with pytest.raises(ValueError, match="row 0 has 0 tokens; allowed 1..1"):
+        pad_rows([[]], width=1, min_len=1)

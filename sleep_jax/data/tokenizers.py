@@ -54,6 +54,34 @@ def check_vocab_size(vocab, what: str = "vocab") -> int:
     return int(vocab)
 
 
+def pad_rows(rows: Sequence[Sequence[int]], *, pad_id: int = 0, width: int | None = None,
+             multiple: int = 1, min_len: int = 0, where: str = "row"
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token-id lists into one host array: (tokens [N,W] int32, lengths [N] int32).
+
+    The one host-side row padding (prompts, judge rows, completions, seeding prefixes).
+
+    Args:
+      rows: N token-id lists.
+      pad_id: the id written after each row.
+      width: W; default the longest row rounded up to ``multiple``.
+      multiple: round the default width up to a multiple of this (jit shape buckets).
+      min_len: refuse rows shorter than this (e.g. 1: a prompt needs a token to predict from).
+      where: the rows' name in error messages.
+    Raises:
+      ValueError: a row longer than ``width`` or shorter than ``min_len`` (named by index).
+    """
+    lens = np.array([len(r) for r in rows], np.int32)
+    if width is None:
+        width = -(-max(int(lens.max()) if len(rows) else 0, 1) // multiple) * multiple
+    out = np.full((len(rows), width), pad_id, np.int32)
+    for i, r in enumerate(rows):
+        if not min_len <= len(r) <= width:
+            raise ValueError(f"{where} {i} has {len(r)} tokens; allowed {min_len}..{width}")
+        out[i, :len(r)] = r
+    return out, lens
+
+
 def check_token_ids(ids, vocab: int, *, where: str = "token ids") -> None:
     """Raises `TokenIdError` unless every id in `ids` lies in [0, vocab).
 

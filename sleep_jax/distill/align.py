@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sleep_jax.data.tokenizers import pad_rows
 from sleep_jax.distill import divergences
 
 
@@ -139,9 +140,7 @@ def build_aligned_batch(
                        "teacher")
     student = _rows_np(s_pre, comps, s_len if student_len is None else student_len, M, pad_id,
                        "student")
-    completion = np.full((B, M), pad_id, np.int32)
-    for b, c in enumerate(comps):
-        completion[b, :len(c)] = c
+    completion, _ = pad_rows(comps, pad_id=pad_id, width=M, where="completion")
     return AlignedBatch(teacher, student, completion, teacher.completion_mask.copy())
 
 

@@ -18,7 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sleep_jax.data.tokenizers import check_token_ids, check_vocab_size, tokenizer_vocab_size
+from sleep_jax.data.tokenizers import (
+    check_token_ids,
+    check_vocab_size,
+    pad_rows,
+    tokenizer_vocab_size,
+)
 from sleep_jax.eval import qa
 from sleep_jax.sampling import generate
 
@@ -59,13 +64,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, bos_id: int | None, pad
     ids = [([] if bos_id is None else [bos_id]) + tokenizer.encode(p).ids for p in prompts]
     for i, x in enumerate(ids):
         check_token_ids(x, vocab, where=f"prompt {i} {prompts[i][:60]!r}")
-    P = length or _round_up(max(len(x) for x in ids), 16)
-    out = np.full((len(ids), P), pad_id, np.int32)
-    for i, x in enumerate(ids):
-        if len(x) > P:
-            raise ValueError(f"prompt {i} has {len(x)} tokens > length {P}: {prompts[i]!r}")
-        out[i, :len(x)] = x
-    return out, np.array([len(x) for x in ids], np.int32)
+    return pad_rows(ids, pad_id=pad_id, width=length or None, multiple=16, where="prompt")
 
 
 @jax.jit(static_argnums=(0, 4, 5, 6))

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from sleep_jax.data.tokenizers import pad_rows
 from sleep_jax.rl.config import RLConfig
 from sleep_jax.rl.rest_em import rest_em_step
 from sleep_jax.rl.rollout import make_rollout, with_rewards
@@ -24,14 +25,8 @@ from sleep_jax.rl.update import make_update
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None):
-    """Right-pad token-id lists: ([N,P] int32, lengths [N])."""
-    width = width or max(len(p) for p in prompts)
-    out = np.full((len(prompts), width), pad_id, np.int32)
-    for i, p in enumerate(prompts):
-        if not 1 <= len(p) <= width:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; allowed 1..{width}")
-        out[i, :len(p)] = p
-    return out, np.array([len(p) for p in prompts], np.int32)
+    """Right-pad token-id lists: ([N,P] int32, lengths [N]); every prompt needs a token."""
+    return pad_rows(prompts, pad_id=pad_id, width=width, min_len=1, where="prompt")
 
 
 class RolloutSource:

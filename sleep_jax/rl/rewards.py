@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from rapidfuzz.distance import Levenshtein
 
+from sleep_jax.data.tokenizers import pad_rows
 from sleep_jax.eval import qa
 
 RewardFn = Callable[..., np.ndarray]
@@ -134,11 +135,7 @@ class JudgeReward:
         rows = [head + self.tokenizer.encode(self.template.format(a=c, b=r),
                                              add_special_tokens=False).ids
                 for c, r in zip(completions, references)]
-        width = -(-max(len(r) for r in rows) // self.bucket) * self.bucket
-        toks = np.full((len(rows), width), self.pad_id, np.int32)
-        for i, r in enumerate(rows):
-            toks[i, :len(r)] = r
-        lens = np.array([len(r) for r in rows], np.int32)
+        toks, lens = pad_rows(rows, pad_id=self.pad_id, multiple=self.bucket, where="judge row")
         y, n = self._logp(self._state, toks, lens)
         return np.asarray(y), np.asarray(n)
 
