@@ -44,7 +44,8 @@ def tokenizer():
 
 def facts(names):
     mems = [Memory(f"n{n}", memory(n, NEW[n])) for n in names]
-    prompts = {f"n{n}": [question(n, 0)] for n in names}  # seeding wording 0 only
+    # seeding: wording 0 and a continuation of the memory's own sentence (never wording 1)
+    prompts = {f"n{n}": [question(n, 0), f"n{n} lives in"] for n in names}
     probes = [Probe(f"n{n}", question(n, 1), (f"c{NEW[n]}",)) for n in names]  # held out
     return mems, prompts, probes
 
@@ -116,7 +117,7 @@ def _closed(model, names):
 # and the first sleep's seeding prompts (replayed in the second).
 TWO_SLEEPS = dict(steps=300, batch_size=16, expert=False, prompts="given", progress_bar=False,
                   checkpoint_every=0,
-                  full_optim=OptimConfig(lr=2e-3, warmup_steps=10, weight_decay=0.0))
+                  full_optim=OptimConfig(lr=3e-3, warmup_steps=10, weight_decay=0.0))
 
 
 def wake_prompts():
