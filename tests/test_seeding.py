@@ -90,6 +90,30 @@ def test_seeding_step_moves_only_new_parameters(grown):
             assert np.array_equal(old, new), f"{key} changed but is frozen"
 
 
+def test_seeding_step_skips_a_nonfinite_update(grown):
+    """A NaN in the trained slot makes the loss NaN: the step reports skipped=1 and leaves
+    params and optimizer state bitwise unchanged (train.finite.skip_if_nonfinite)."""
+    base, student, mask = grown
+    state = create_train_state(fresh_copy(student), optax.adamw(1e-2))
+    poisoned = jax.tree_util.tree_map_with_path(
+        lambda p, x: x.at[(0,) * x.ndim].set(jnp.nan)
+        if "expert_b" in jax.tree_util.keystr(p) else x, state.params)
+    state = state.replace(params=poisoned)
+    rng = np.random.default_rng(2)
+    batch = seeding.make_batch(_rows(rng, 4, 3, 9), _rows(rng, 4, 2, 6), bos_id=1,
+                               teacher_len=16, student_len=8)
+    mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
+    cfg = seeding.SeedingConfig(max_new_tokens=3, lam=0.0)  # teacher samples: finite tokens
+    step = seeding.make_seeding_step(cfg, state, mesh, eos_id=2)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    tg, ts = nnx.split(base)
+    state, m = step(state, tg, ts, batch, jax.random.key(0), jax.tree.map(jnp.asarray, mask))
+    assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"]))
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_seeding_step_on_an_adapter_state_equals_the_masked_full_model_step(grown):
     """The sleep pipeline's path (only the slot's adapter tree trains, ``train.adapters``)
     against the masked full-model path: same divergences, same trained slot."""

@@ -1,7 +1,7 @@
 """Knowledge Seeding: on-policy context distillation from the small self into the grown self.
 
 Teacher = the model before growth (frozen), which sees ``memory + prompt``; student = the grown
-model, which sees only ``prompt`` (METHOD.md, Stage 1; arXiv 2606.03979). Each step:
+model, which sees only ``prompt`` (Stage 1 of arXiv 2606.03979). Each step:
 
 1. COLLECT. The first ``round(lam * B)`` rows' completions are sampled from the student (given
    its prompt), the rest from the teacher (given memory + prompt): GKD's lambda-mix of on-policy
@@ -14,7 +14,7 @@ model, which sees only ``prompt`` (METHOD.md, Stage 1; arXiv 2606.03979). Each s
 
 Replay rows are the same computation with an empty memory: prompts about what the model
 already knows, answered by the pre-sleep model itself (self-distillation, no labels), which is
-what keeps old knowledge in place (DEMO-NOTES.md).
+what keeps old knowledge in place (docs/LOG.md: without replay the expert forgets OLD).
 
 The whole step (sampling included) is one jitted pure function of (state, batch, rng).
 """
@@ -31,7 +31,9 @@ from flax import nnx
 
 from sleep_jax.distill import align
 from sleep_jax.distill.divergences import DIVERGENCES
+from sleep_jax.models.protocol import EXPERTS, capabilities, forward
 from sleep_jax.sampling import generate
+from sleep_jax.train.finite import skip_if_nonfinite
 from sleep_jax.train.state import TrainState, apply_gradients
 
 
@@ -161,18 +163,18 @@ def gkd_loss(student, teacher_logits_btv, aligned: align.AlignedBatch, cfg: Seed
 
 
 def _has_slots(model) -> bool:
-    from sleep_jax.models.llama import Decoder
-
-    return isinstance(model, Decoder) and model.config.expert_slots > 0
+    """The model reports expert-slot activity (the protocol's "experts" capability)."""
+    return EXPERTS in capabilities(model)
 
 
 def gkd_loss_and_experts(student, teacher_logits_btv, aligned: align.AlignedBatch,
                          cfg: SeedingConfig):
     """``gkd_loss`` plus the expert slots' activity per student row, from one forward pass:
     (sum, count, gate [B], out_rms [B]), each the mean over layers (and slots) and the row's
-    real tokens (``sleep_jax`` Decoder with expert slots)."""
+    real tokens (a model with the "experts" capability, e.g. a Decoder with expert slots)."""
     rows = aligned.student
-    logits, _, ex = student(rows.tokens, rows.positions, mask=rows.valid, return_experts=True)
+    out = forward(student, rows.tokens, rows.positions, mask=rows.valid, experts=True)
+    logits, ex = out.logits, out.experts
     s, c = align.completion_divergence(cfg.divergence, logits, teacher_logits_btv, aligned,
                                        beta=cfg.beta, temperature=cfg.temperature)
     v = rows.valid.astype(jnp.float32)
@@ -200,9 +202,11 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
       mask: trainable mask (pytree like state.params) or None.
       imitation: the Learning-to-Imitate rollout (rewards and advantages attached) or None.
     Returns:
-      (new state, metrics dict with the divergence, token count, completion length; with
-      imitation, its policy loss and mean reward; with expert slots, the mean gate and expert
-      output RMS on memory rows and on replay rows, 0 for a kind absent from the batch).
+      (new state, metrics dict with the divergence, token count, completion length,
+      ``skipped`` (1 when a non-finite loss or gradient left the state unchanged:
+      ``train.finite.skip_if_nonfinite``); with imitation, its policy loss and mean reward;
+      with expert slots, the mean gate and expert output RMS on memory rows and on replay
+      rows, 0 for a kind absent from the batch).
     """
     student = state.model()
     aligned = collect(student, teacher, batch, rng, cfg, eos_id=eos_id, pad_id=pad_id)
@@ -211,8 +215,8 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
     slots = _has_slots(student)
     if (cfg.gate_l1 or cfg.expert_l1) and not slots:
         raise ValueError(f"gate_l1={cfg.gate_l1} / expert_l1={cfg.expert_l1} charge the expert "
-                         "slots' activity: the student must be a sleep_jax Decoder with "
-                         "expert_slots >= 1")
+                         "slots' activity: the student must declare the 'experts' capability "
+                         "(a sleep_jax Decoder with expert_slots >= 1)")
 
     # A TrainState trains its params; an AdapterState (``sleep_jax.train.adapters``) trains an
     # adapter that ``full_params`` writes into the frozen model's slot.
@@ -242,8 +246,9 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
 
     (loss, (s, c, pg, (gate_row, rms_row))), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    state = apply_gradients(state, grads, mask)
+    state, skipped = skip_if_nonfinite(apply_gradients(state, grads, mask), state, loss, grads)
     metrics = {"loss": loss, "divergence": s / jnp.maximum(c, 1.0), "tokens": c,
+               "skipped": skipped,
                "completion_len": jnp.mean(jnp.sum(aligned.completion_mask, 1))}
     if imitation is not None:
         metrics["imitation_loss"] = pg
