@@ -31,7 +31,7 @@ def slotted(request):
     grown, mask = activate_slot(grown, None, SLOT, jax.random.key(3))
     g, params, other = nnx.split(grown, nnx.Param, ...)
     params = jax.tree.map(lambda x: x, params)
-    for i, (name, v) in enumerate(sorted(adapters.slot_leaves(params).items())):
+    for i, (_name, v) in enumerate(sorted(adapters.slot_leaves(params).items())):
         v.set_value(jax.random.normal(jax.random.key(10 + i), v.shape) * 0.1)
     return nnx.merge(g, params, other), mask
 
