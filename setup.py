@@ -29,7 +29,7 @@ setup(
         "jinja2>=3.1",  # chat templates (sleep-jax generate --chat)
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "ruff>=0.6"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.8,<4", "ruff>=0.6"],
         "hf": ["torch==2.13.0", "transformers>=4.56,<6", "accelerate>=1.10,<2"],
     },
     entry_points={"console_scripts": ["sleep-jax=sleep_jax.cli:main"]},

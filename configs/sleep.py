@@ -8,7 +8,7 @@ Sections (each the frozen dataclass beside the code that uses it):
   replay   sleep_jax.sleep.ReplayConfig: share of each batch and source of the replay rows
   seeding  sleep_jax.distill.seeding.SeedingConfig: divergence, lambda, alpha, completion length
            M, Learning-to-Imitate options (its GRPO settings derive from these)
-  mesh     devices of the sleep (``fsdp=1``: one device; ``fsdp=-1``: all)
+The sleep runs on one device for now (multi-device sleeps: issue H, the runtime layer).
 Presets: the default, and ``quick`` (20 steps, a smoke run).
 """
 
@@ -34,5 +34,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sleep = section(SleepConfig, **p["sleep"])
     config.replay = section(ReplayConfig)
     config.seeding = section(SeedingConfig, **p["seeding"])
-    config.mesh = "fsdp=1"
     return config
