@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -88,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, JsonlError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"sleep-jax sleep: error: {e}", file=sys.stderr)
         return 2
+    if sleep_cfg.expert:
+        from sleep_jax.grow import SlotsExhausted, next_free_slot
+
+        try:
+            if base.config.expert_slots:
+                next_free_slot(base)
+        except SlotsExhausted as e:
+            print(f"sleep-jax sleep: error: {e}", file=sys.stderr)
+            return 2
     write_run_config(a["workdir"], config, a["allow_config_change"])
     report = run_sleep(a["checkpoint"], base, tok, meta, memories, probes, seeding_cfg,
                        workdir=a["workdir"], sleep_cfg=sleep_cfg, replay_cfg=replay_cfg)
@@ -97,36 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def configs_from_args(a, scfg: seeding.SeedingConfig | None = None):
-    """(SleepConfig, SeedingConfig, ReplayConfig) of the command-line flags of ``_parse``."""
-    from sleep_jax.sleep import ReplayConfig, SleepConfig
-    from sleep_jax.train.optim import OptimConfig
-
-    sleep_cfg = SleepConfig(steps=a.steps, batch_size=a.batch_size, rank=a.expert_rank,
-                            optim=OptimConfig(lr=a.lr, warmup_steps=10, weight_decay=0.0),
-                            prompts="memory", prompt_format=a.prompt_format, seed=a.seed)
-    if scfg is None:
-        scfg = seeding.SeedingConfig(divergence=a.divergence, lam=a.lam,
-                                     max_new_tokens=a.max_new_tokens)
-    return sleep_cfg, scfg, ReplayConfig(fraction=a.replay_fraction, source="samples")
-
-
 def run_sleep(checkpoint, base, tok, meta, memories, probes, seeding_cfg=None, *,
-              workdir: str | None = None, sleep_cfg=None, replay_cfg=None) -> dict:
-    """The sleep behind the CLI: ``sleep_jax.sleep.sleep_checkpoint`` (see module docstring).
-
-    ``run_sleep(checkpoint_dir, base, tok, meta, memories, probes, seeding_cfg, workdir=...,
-    sleep_cfg=SleepConfig(...), replay_cfg=ReplayConfig(...)) -> report``. The parsed flags
-    (an argparse Namespace as ``checkpoint``) are also accepted and turned into the configs.
-    """
+              workdir: str, sleep_cfg=None, replay_cfg=None) -> dict:
+    """The sleep behind the CLI: ``sleep_jax.sleep.sleep_checkpoint`` (see module docstring)."""
     from sleep_jax.sleep import ReplayConfig, SleepConfig, sleep_checkpoint
 
-    if isinstance(checkpoint, argparse.Namespace):
-        a = checkpoint
-        sleep_cfg, seeding_cfg, replay_cfg = configs_from_args(a, seeding_cfg)
-        checkpoint, workdir = a.checkpoint, a.workdir
-    if workdir is None:
-        raise ValueError("run_sleep needs a workdir")
     return sleep_checkpoint(checkpoint, base, tok, meta, memories, probes, workdir=workdir,
                             cfg=sleep_cfg or SleepConfig(),
                             seeding_cfg=seeding_cfg or seeding.SeedingConfig(),
