@@ -6,7 +6,8 @@ Presets: tiny (CPU demo/tests, built-in text), smollm2_135m, llama_1b, llama_1p1
 
 import ml_collections
 
-from sleep_jax.config import model_section, section
+from sleep_jax.config import model_section, rules_section, section
+from sleep_jax.mesh import RULES
 from sleep_jax.train.cli import DataConfig
 from sleep_jax.train.optim import OptimConfig
 from sleep_jax.train.trainer import TrainConfig
@@ -40,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.preset = name
     config.model = model_section(name, **p["model"])
     config.mesh = p["mesh"]
+    config.rules = rules_section(RULES)  # logical axis -> "mesh,axes" ("" = replicated)
     config.optim = section(OptimConfig, **p["optim"])
     config.train = section(TrainConfig, **p["train"])
     config.data = section(DataConfig, **p.get("data", {}))

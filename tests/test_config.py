@@ -121,6 +121,9 @@ def test_rules_round_trip():
     from sleep_jax.mesh import RULES
 
     assert dict(rules_from_section(rules_section(RULES))) == dict(RULES)
+    table = dict(rules_from_section(_cfg("--config.rules.embed=", "--config.rules.mlp=fsdp,tensor"
+                                         ).rules))
+    assert table["embed"] is None and table["mlp"] == ("fsdp", "tensor")
     with pytest.raises(ConfigError, match=r"rules.embed='fsdb'.*allowed: data, fsdp, tensor"):
         rules_from_section({"embed": "fsdb"})
 
@@ -148,6 +151,8 @@ def test_cli_errors(tmp_path, capsys):
     assert "unknown config key in --config.train.bogus" in capsys.readouterr().err
     assert main(base + ["--config.data.source=web"]) == 2
     assert "data.source='web'; allowed: builtin, jsonl, tfds" in capsys.readouterr().err
+    assert main(base + ["--config.rules.embed=fsdb"]) == 2
+    assert "config.rules.embed='fsdb': unknown mesh axis" in capsys.readouterr().err
     assert main(base + ["--config.mesh=data=3"]) == 2  # 8 devices: not a divisor
     assert "config.mesh='data=3'" in capsys.readouterr().err
     assert not os.path.exists(w)

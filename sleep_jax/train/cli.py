@@ -26,6 +26,7 @@ from sleep_jax.config import (
     from_section,
     model_config,
     parse_command,
+    rules_from_section,
     write_run_config,
 )
 
@@ -151,6 +152,7 @@ def run(argv: list[str]) -> int:
     mcfg, ocfg, tcfg, dcfg = (model_config(config), from_section(OptimConfig, config.optim),
                               from_section(TrainConfig, config.train),
                               from_section(DataConfig, config.data))
+    rules = rules_from_section(config.rules)
     workdir = args["workdir"]
     check_run_config(workdir, config, args["allow_config_change"])
     examples = load_examples(dcfg, tcfg.seed)  # fail on a missing file before writing anything
@@ -196,11 +198,12 @@ def run(argv: list[str]) -> int:
         eval_batches = [next(it) for _ in range(tcfg.eval_batches)]
 
     tx = make_optimizer(ocfg, tcfg.steps)
-    state = create_sharded_train_state(lambda: Decoder(mcfg, rngs=nnx.Rngs(tcfg.seed)), tx, mesh)
+    state = create_sharded_train_state(lambda: Decoder(mcfg, rngs=nnx.Rngs(tcfg.seed)), tx, mesh,
+                                       rules)
     log.info("model %s: %d parameters on mesh %s", config.model.preset,
              sum(x.size for x in jax.tree.leaves(state.params)), dict(mesh.shape))
     result = fit(state, make_iterator(ds), train_cfg=tcfg, optim_cfg=ocfg, mesh=mesh,
-                 workdir=workdir, eval_batches=eval_batches)
+                 workdir=workdir, eval_batches=eval_batches, rules=rules)
     print(result.message, file=sys.stderr if result.status == "nonfinite" else sys.stdout)
     if result.status == "done":
         _export(workdir, result.state, tok)

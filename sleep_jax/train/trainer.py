@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import numpy as np
 
+from sleep_jax.mesh import RULES
 from sleep_jax.train.loop import (  # noqa: F401  (read_metrics, truncate_metrics: re-exported)
     IteratorSource,
     LoopConfig,
@@ -94,7 +95,8 @@ def loop_config(train_cfg: TrainConfig) -> LoopConfig:
 def fit(state: TrainState, data_iter: Iterator[dict], *, train_cfg: TrainConfig,
         optim_cfg: OptimConfig, mesh: jax.sharding.Mesh, workdir: str,
         loss_fn: LossFn = lm_loss, mask=None, eval_batches: Sequence[dict] | None = None,
-        on_step: Callable[[dict], None] | None = None, tensorboard: bool = True) -> FitResult:
+        on_step: Callable[[dict], None] | None = None, tensorboard: bool = True,
+        rules=None) -> FitResult:
     """Train ``state`` for ``train_cfg.steps`` steps, resuming from ``workdir`` when possible.
 
     Runs ``make_train_step`` on ``sleep_jax.train.loop.run_loop``.
@@ -114,11 +116,12 @@ def fit(state: TrainState, data_iter: Iterator[dict], *, train_cfg: TrainConfig,
     Returns:
       FitResult(state, step, status, message, history of this call's records).
     """
-    train_step = make_train_step(state, mesh, micro_batches=train_cfg.micro_batches,
+    rules = rules or RULES  # the logical-axis table the state was sharded with
+    train_step = make_train_step(state, mesh, micro_batches=train_cfg.micro_batches, rules=rules,
                                  loss_fn=loss_fn, mask=mask)
     eval_fn = None
     if eval_batches and train_cfg.eval_every:
-        eval_step = make_eval_step(state, mesh, loss_fn=loss_fn)
+        eval_step = make_eval_step(state, mesh, loss_fn=loss_fn, rules=rules)
         eval_fn = lambda step, st: {"eval_loss": evaluate(eval_step, st, eval_batches)}
     schedule = lr_schedule(optim_cfg, train_cfg.steps)
 
