@@ -22,7 +22,7 @@ def _records(wd):
 def test_deterministic_by_seed_and_sizes(w):
     assert _records(world.make_world(seed=0)) == _records(w)
     assert _records(world.make_world(seed=1)) != _records(w)
-    assert len(w.old) == 200 and len(w.new) == 40  # DEMO-NOTES defaults
+    assert len(w.old) == 200 and len(w.new) == 40  # the demo's defaults
     small = world.make_world(seed=0, n_old=7, n_new=3)
     assert [e.id for e in small.old] == [f"old-{i:03d}" for i in range(7)]
     assert [e.id for e in small.new] == ["new-000", "new-001", "new-002"]

@@ -366,7 +366,9 @@ class World:
 
 
 def _write_jsonl(path: str, records: Iterable[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    from sleep_jax.atomic import atomic_open
+
+    with atomic_open(path) as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
 
@@ -376,7 +378,7 @@ def make_world(seed: int = 0, n_old: int = 200, n_new: int = 40) -> World:
 
     Args:
       seed: numpy Generator seed; the same seed always gives the same world.
-      n_old: entities the base model learns closed-book (DEMO-NOTES default 200).
+      n_old: entities the base model learns closed-book (the demo's default 200).
       n_new: entities whose memories are consolidated during sleep (default 40).
     """
     if n_old < 0 or n_new < 0:
