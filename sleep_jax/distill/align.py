@@ -1,8 +1,9 @@
 """Context alignment: the same completion seen by a teacher with privileged context and a student.
 
 In Knowledge Seeding the teacher reads `memory + prompt + completion` and the student only
-`prompt + completion` (context distillation into the grown model, Stage 1 of arXiv 2606.03979). Each row of a
-batch has its own lengths, so the completion starts at a different index in every row and in each
+`prompt + completion` (context distillation into the grown model, Stage 1 of arXiv
+2606.03979). Each row of a batch has its own lengths, so the completion starts at a different
+index in every row and in each
 of the two sequences. This module builds both right-padded token rows, records per row where each
 completion token sits in the teacher's and in the student's sequence, and gathers the logits that
 predict those tokens, giving teacher and student logits aligned token for token: [B,M,V] each,
