@@ -1,25 +1,41 @@
-"""A synthetic knowledge world for the sleep demo and tests, deterministic by seed.
+"""A synthetic knowledge world for the sleep demo and tests, deterministic by seed (world v2).
 
 Fictional people with four one-token attributes (city, year, trade, colour). What the world offers:
 - passages (memories): each entity described by one of 3 templates;
-- questions per attribute in 3 TRAIN wordings and 2 HELD-OUT wordings used only in evaluation:
-  "near" (one word changed from a train wording) and "far" (another structure: the name first);
-- two splits: OLD entities (the base model learns them closed-book) and NEW entities (memories the
-  model consolidates during sleep);
+- questions per attribute in several wordings (`QUESTION_TEMPLATES`, `WORDINGS`):
+  - "train": 3 wordings the base model is trained on;
+  - EVALUATION ("near", "far"): held out, used only to report results: "near" = one word of a
+    train wording changed, "far" = another structure (the name first);
+  - VALIDATION ("val_near", "val_far"): held out too, of the same two types but other wordings,
+    for choosing settings without looking at the evaluation wordings. Every word of them occurs in
+    base training text (passages, train questions, general text), so a validation question is
+    new only in its wording, never in its words;
+  - "task": one more wording, only for TASK entities (below), never evaluated;
+- three entity splits (`SPLITS`): OLD (the base model learns them closed-book), NEW (memories the
+  model consolidates during sleep; `memory_stream` cuts them into an ordered stream of memory sets
+  for wake/sleep cycles) and TASK (fresh entities with passages and the "task" wording, used only
+  to train generators / RL for dreaming). Adding TASK entities leaves OLD and NEW of a seed as
+  they were (they are drawn after NEW);
 - reading-comprehension items (passages + question -> answer) on fresh random entities, so the base
-  model learns to answer from context (TRAIN wordings only);
+  model learns to answer from context (TRAIN wordings only); 1 or more passages per context, a
+  fixed count or a count drawn per item (`rc_items(..., max_passages=)`); `max_context_words(k)`
+  bounds the length of a k-passage context;
+- dreaming prompts (`DREAM_TEMPLATES`: "implications", "qa", "rewrite" around a {context}) and
+  `World.dream_examples`, (prompt, target) training pairs for them on TASK entities;
 - general text for KL-to-base;
-- seeding prompt templates, disjoint from every evaluation wording (`template_sets` returns both
-  sets so a test can check it).
+- seeding prompt templates, disjoint from every evaluation and validation wording
+  (`template_sets` and `validation_templates` return the sets so a test can check it).
 
 Text is word-level and lowercase: one space between words, punctuation attached as in ordinary
 text ("where does ka lo mi live?"). The word-level tokenizer (`sleep_jax.data.tokenizers`) isolates
 punctuation, so every word and every mark is one token; built from `vocabulary_corpus()` it covers
 every text the world produces. A name is 3 or 4 syllable words ("ka lo mi"). The vocabulary does
-not depend on the seed.
+not depend on the seed. No template may use a consonant-vowel word ("no", "be"): it would leave
+`SYLLABLES` and so change every name of every seed.
 
 Exports: `memory_records(split)` -> [{"id", "text"}], `probe_records(split, wording)` ->
-[{"memory_id", "question", "answers"}] (the JSONL memories / probes formats).
+[{"memory_id", "question", "answers"}] (the JSONL memories / probes formats), `stream_records`
+-> [{"id", "text", "set"}] (the memory stream in arrival order).
 """
 
 from __future__ import annotations
@@ -51,33 +67,49 @@ PASSAGE_TEMPLATES = (
     "born in {year}, {name} is a {trade} who lives in {city}. {name} likes {colour} best.",
 )
 
-WORDINGS = ("train", "near", "far")
-# near = one word of a TRAIN wording changed (the new word occurs elsewhere in training text);
-# far = another structure, the name first.
+WORDINGS = ("train", "near", "far", "val_near", "val_far", "task")
+EVALUATION = ("near", "far")  # held out: reported results only
+VALIDATION = ("val_near", "val_far")  # held out: choosing settings, never the reported figures
+TASK_WORDING = "task"
+# near / val_near = one word of a TRAIN wording changed (the new word occurs elsewhere in training
+# text), each a different change; far / val_far = another structure, the name first; task = the
+# only wording of TASK entities, at least 2 words from every evaluation and validation wording.
 QUESTION_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
     "city": {
         "train": ("where does {name} live?", "in which city does {name} live?",
                   "what city is {name} from?"),
         "near": ("in what city does {name} live?",),
         "far": ("{name} lives in which city?",),
+        "val_near": ("which city is {name} from?",),
+        "val_far": ("{name} is from which city?",),
+        "task": ("where is {name} from?",),
     },
     "year": {
         "train": ("when was {name} born?", "in which year was {name} born?",
                   "what year was {name} born in?"),
         "near": ("in what year was {name} born?",),
         "far": ("{name} was born in which year?",),
+        "val_near": ("which year was {name} born in?",),
+        "val_far": ("{name} was born when?",),
+        "task": ("what is the year {name} was born in?",),
     },
     "trade": {
         "train": ("what does {name} do for a living?", "what is the trade of {name}?",
                   "what job does {name} have?"),
         "near": ("what is the job of {name}?",),
         "far": ("{name} works as which trade?",),
+        "val_near": ("what trade does {name} have?",),
+        "val_far": ("{name} does what for a living?",),
+        "task": ("what trade is {name} in?",),
     },
     "colour": {
         "train": ("what is the favourite colour of {name}?",
                   "which colour does {name} like best?", "what colour does {name} love?"),
         "near": ("what colour does {name} like best?",),
         "far": ("{name} likes which colour best?",),
+        "val_near": ("which colour does {name} love?",),
+        "val_far": ("{name} loves which colour?",),
+        "task": ("which is the favourite colour of {name}?",),
     },
 }
 
@@ -106,14 +138,38 @@ GENERAL_TEMPLATES = (
 CLOSED_BOOK_FORMAT = "question: {question} answer:"
 OPEN_BOOK_FORMAT = "{context} question: {question} answer:"
 
+# Dreaming: prompts around a memory (`context`) for the three kinds of dream, and the short fact
+# sentences an "implications" dream should produce (`World.dream_examples` renders the targets).
+DREAM_TEMPLATES: dict[str, str] = {
+    "implications": "{context} implications:",
+    "qa": "{context} questions and answers:",
+    "rewrite": "{context} in other words:",
+}
+DREAM_KINDS = tuple(DREAM_TEMPLATES)
+FACT_TEMPLATES: dict[str, str] = {
+    "city": "{name} lives in {city}.",
+    "year": "{name} was born in {year}.",
+    "trade": "{name} works as a {trade}.",
+    "colour": "{name} likes {colour} best.",
+}
+
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
 _VOWELS = ("a", "e", "i", "o", "u")
-SPLITS = ("old", "new")
+_NAME_SYLLABLES = (3, 4)  # a name has 3 or 4 syllable words
+SPLITS = ("old", "new", "task")
+# The wordings `World.qa` asks each split in: TASK entities only in the task wording, and the
+# task wording only for them (so it never reaches OLD/NEW training or evaluation).
+SPLIT_WORDINGS: dict[str, tuple[str, ...]] = {
+    "old": tuple(w for w in WORDINGS if w != TASK_WORDING),
+    "new": tuple(w for w in WORDINGS if w != TASK_WORDING),
+    "task": (TASK_WORDING,),
+}
 
 
 def _all_templates() -> list[str]:
     texts = list(PASSAGE_TEMPLATES) + list(SEEDING_TEMPLATES) + list(GENERAL_TEMPLATES)
     texts += [t for per in QUESTION_TEMPLATES.values() for ts in per.values() for t in ts]
+    texts += list(DREAM_TEMPLATES.values()) + list(FACT_TEMPLATES.values())
     return texts + [CLOSED_BOOK_FORMAT, OPEN_BOOK_FORMAT]
 
 
@@ -137,7 +193,7 @@ SYLLABLES: tuple[str, ...] = tuple(
 class Entity:
     """One fictional person.
 
-    id: memory id, "old-007" / "new-012" / "rc-...".
+    id: memory id, "old-007" / "new-012" / "task-003" / "rc-...".
     syllables: the name as 3-4 syllable words; name = " ".join(syllables).
     attributes: attribute -> one-token value, for every name in ATTRIBUTES.
     template: index of the PASSAGE_TEMPLATES entry used for its memory.
@@ -193,15 +249,33 @@ def question(entity: Entity, attribute: str, wording: str, template: int = 0) ->
     return QUESTION_TEMPLATES[attribute][wording][template].format(name=entity.name)
 
 
+def _wording_templates(wordings: Iterable[str]) -> frozenset[str]:
+    return frozenset(t for per in QUESTION_TEMPLATES.values() for w in wordings for t in per[w])
+
+
 def template_sets() -> tuple[frozenset[str], frozenset[str]]:
-    """(seeding templates, evaluation templates): the held-out (near, far) question wordings.
+    """(seeding templates, evaluation templates): the held-out EVALUATION (near, far) wordings.
 
     Seeding must never see an evaluation wording; tests check the two sets are disjoint and that
-    no rendered seeding prompt equals a rendered evaluation question.
+    no rendered seeding prompt equals a rendered evaluation question. The validation wordings are
+    not part of the evaluation set (see `validation_templates`).
     """
-    evaluation = frozenset(t for per in QUESTION_TEMPLATES.values()
-                           for w in ("near", "far") for t in per[w])
-    return frozenset(SEEDING_TEMPLATES), evaluation
+    return frozenset(SEEDING_TEMPLATES), _wording_templates(EVALUATION)
+
+
+def validation_templates() -> frozenset[str]:
+    """The VALIDATION (val_near, val_far) question templates of every attribute.
+
+    Held out like the evaluation wordings (no training, seeding or dreaming text uses them) but
+    distinct from them, so settings chosen on validation questions say nothing about evaluation
+    wordings; tests check they are disjoint from train, evaluation, task and seeding templates.
+    """
+    return _wording_templates(VALIDATION)
+
+
+def task_templates() -> frozenset[str]:
+    """The "task" question templates: the only wording of TASK entities, never evaluated."""
+    return _wording_templates((TASK_WORDING,))
 
 
 def closed_book_prompt(q: str) -> str:
@@ -212,6 +286,72 @@ def closed_book_prompt(q: str) -> str:
 def open_book_prompt(context: str, q: str) -> str:
     """The demo's open-book prompt: context (passages) then the question."""
     return OPEN_BOOK_FORMAT.format(context=context, question=q)
+
+
+def dream_prompt(kind: str, context: str) -> str:
+    """The dreaming prompt of `kind` (a DREAM_TEMPLATES key) around `context` (memory passages)."""
+    if kind not in DREAM_TEMPLATES:
+        raise ValueError(f"unknown dream kind {kind!r}; allowed: {DREAM_KINDS}")
+    return DREAM_TEMPLATES[kind].format(context=context)
+
+
+def fact_sentences(entity: Entity) -> str:
+    """The entity's facts as short sentences, one per attribute in ATTRIBUTES order (the target of
+    an "implications" dream): "ka lo mi lives in oslo. ka lo mi was born in 1852. ..."."""
+    return " ".join(FACT_TEMPLATES[a].format(name=entity.name, **entity.attributes)
+                    for a in ATTRIBUTES)
+
+
+def qa_pairs(entity: Entity, wording: str = TASK_WORDING) -> str:
+    """Every attribute of the entity as closed-book question-answer pairs in one wording (the
+    target of a "qa" dream): "question: where is ka lo mi from? answer: oslo question: ...".
+
+    Each pair is exactly a closed-book training example (`closed_book_prompt(q) + " " + answer`),
+    so pairs a generator dreams can be cut out and trained on as they are.
+    """
+    return " ".join(closed_book_prompt(question(entity, a, wording)) + " " + entity.attributes[a]
+                    for a in ATTRIBUTES)
+
+
+def _count_words(text: str) -> int:
+    """Word-level tokens of `text`: each run of letters/digits and each other mark is one token,
+    as the word-level tokenizer splits it."""
+    return len(re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text))
+
+
+def _longest(templates: Iterable[str]) -> int:
+    """Tokens of the longest rendering of `templates`: a name of the most syllables allowed and
+    one token for every other placeholder (every attribute value is one token)."""
+    name = " ".join(["x"] * max(_NAME_SYLLABLES))
+    return max(_count_words(re.sub(r"\{name\}", name, re.sub(r"\{(?!name\})\w+\}", "x", t)))
+               for t in templates)
+
+
+def max_context_words(k: int) -> int:
+    """Upper bound on the tokens (words + punctuation marks) of a context of `k` passages.
+
+    Computed from the templates, not from a world: the longest PASSAGE_TEMPLATES entry rendered
+    with a name of the most syllables (4; the name appears up to 3 times) and one token per
+    attribute value, times k (passages are joined by a space, which adds no token). The bound is
+    reached by k passages of that template about 4-syllable names. Add what goes around the
+    context (`max_open_book_words`) and <bos>/<eos> to choose a sequence length.
+    """
+    if k < 0:
+        raise ValueError(f"k (passages in the context) must be >= 0, got {k}")
+    return k * _longest(PASSAGE_TEMPLATES)
+
+
+def max_open_book_words(k: int, wordings: Iterable[str] = WORDINGS) -> int:
+    """Upper bound on the tokens of an open-book example with `k` passages: OPEN_BOOK_FORMAT around
+    the longest k-passage context (`max_context_words`) and the longest question of `wordings`,
+    plus the one-token answer. <bos>/<eos> (added by the data pipeline) are not counted."""
+    wordings = tuple(wordings)
+    for w in wordings:
+        if w not in WORDINGS:
+            raise ValueError(f"unknown wording {w!r}; allowed: {WORDINGS}")
+    frame = _count_words(OPEN_BOOK_FORMAT.format(context="", question=""))
+    q = _longest(t for per in QUESTION_TEMPLATES.values() for w in wordings for t in per[w])
+    return frame + max_context_words(k) + q + 1
 
 
 def vocabulary_corpus() -> list[str]:
@@ -228,7 +368,7 @@ def vocabulary_corpus() -> list[str]:
 
 
 def _random_name(rng: np.random.Generator) -> tuple[str, ...]:
-    n = int(rng.integers(3, 5))
+    n = int(rng.integers(min(_NAME_SYLLABLES), max(_NAME_SYLLABLES) + 1))
     return tuple(SYLLABLES[i] for i in rng.integers(0, len(SYLLABLES), size=n))
 
 
@@ -244,31 +384,35 @@ def _random_entity(rng: np.random.Generator, eid: str, taken: set[tuple[str, ...
 
 @dataclasses.dataclass(frozen=True)
 class World:
-    """The OLD and NEW entities of one seed and the accessors that turn them into text."""
+    """The OLD, NEW and TASK entities of one seed and the accessors that turn them into text."""
 
     seed: int
     old: tuple[Entity, ...]
     new: tuple[Entity, ...]
+    task: tuple[Entity, ...] = ()
 
     # ---------------------------------------------------------------- entities
     def entities(self, split: str) -> tuple[Entity, ...]:
-        """The entities of `split` ("old" or "new")."""
+        """The entities of `split` ("old", "new" or "task")."""
         if split == "old":
             return self.old
         if split == "new":
             return self.new
+        if split == "task":
+            return self.task
         raise ValueError(f"unknown split {split!r}; allowed: {SPLITS}")
 
     def entity(self, memory_id: str) -> Entity:
         """The entity with this memory id."""
-        for e in self.old + self.new:
+        for e in self.old + self.new + self.task:
             if e.id == memory_id:
                 return e
         raise KeyError(f"no entity with memory id {memory_id!r}")
 
     @property
     def names(self) -> frozenset[tuple[str, ...]]:
-        return frozenset(e.syllables for e in self.old + self.new)
+        """The names (syllable tuples) of every OLD, NEW and TASK entity."""
+        return frozenset(e.syllables for e in self.old + self.new + self.task)
 
     # ---------------------------------------------------------------- passages
     def passages(self, split: str, all_templates: bool = False) -> list[str]:
@@ -281,13 +425,41 @@ class World:
         """JSONL memories: [{"id": memory id, "text": passage}] in entity order."""
         return [{"id": e.id, "text": passage(e)} for e in self.entities(split)]
 
+    def memory_stream(self, n_sets: int) -> list[list[Entity]]:
+        """NEW entities as an ordered stream of `n_sets` memory sets for wake/sleep cycles.
+
+        Set i is the i-th consecutive chunk of NEW in entity order, all sets of the same size
+        len(new) // n_sets; the last len(new) % n_sets NEW entities are in no set. The sets are
+        disjoint, so each cycle consolidates memories no earlier cycle saw.
+        """
+        if isinstance(n_sets, bool) or not isinstance(n_sets, (int, np.integer)) or \
+                not 1 <= n_sets <= len(self.new):
+            raise ValueError(f"n_sets must be an integer in [1, {len(self.new)}] (at most one set "
+                             f"per NEW entity), got {n_sets!r}")
+        size = len(self.new) // int(n_sets)
+        return [list(self.new[i * size:(i + 1) * size]) for i in range(int(n_sets))]
+
+    def stream_records(self, n_sets: int) -> list[dict]:
+        """JSONL memory stream, in arrival order: [{"id", "text", "set": index of its set}]."""
+        return [{"id": e.id, "text": passage(e), "set": i}
+                for i, group in enumerate(self.memory_stream(n_sets)) for e in group]
+
     # ---------------------------------------------------------------- questions
     def qa(self, split: str, wording: str, attributes: Sequence[str] = ATTRIBUTES) -> list[QAItem]:
-        """Questions about `split` in one wording: every entity x attribute x template."""
+        """Questions about `split` in one wording: every entity x attribute x template.
+
+        TASK entities are asked only in the "task" wording and the "task" wording only about TASK
+        entities (`SPLIT_WORDINGS`), so it never enters OLD/NEW training or evaluation.
+        """
         if wording not in WORDINGS:
             raise ValueError(f"unknown wording {wording!r}; allowed: {WORDINGS}")
+        entities = self.entities(split)
+        if wording not in SPLIT_WORDINGS[split]:
+            raise ValueError(f"wording {wording!r} is not used for split {split!r}; allowed for "
+                             f"{split!r}: {SPLIT_WORDINGS[split]} (the {TASK_WORDING!r} wording is "
+                             "the only one of TASK entities and is used for no other split)")
         out = []
-        for e in self.entities(split):
+        for e in entities:
             p = passage(e)
             for a in attributes:
                 for k in range(len(QUESTION_TEMPLATES[a][wording])):
@@ -307,28 +479,46 @@ class World:
 
     # ---------------------------------------------------------------- base-training extras
     def fresh_entities(self, n: int, seed: int) -> list[Entity]:
-        """n random entities whose names differ from every OLD/NEW name (ids "rc-<seed>-<i>")."""
+        """n random entities whose names differ from every OLD/NEW/TASK name (ids "rc-<seed>-<i>").
+
+        Names are drawn until unused; a world without TASK entities gives the same entities
+        unless one of them would have taken a TASK name (then it is drawn again).
+        """
         rng = np.random.default_rng([self.seed, seed, 1])
         taken = set(self.names)
         return [_random_entity(rng, f"rc-{seed}-{i}", taken) for i in range(n)]
 
-    def rc_items(self, n: int, seed: int, *, n_passages: int = 1) -> list[RCItem]:
+    def rc_items(self, n: int, seed: int, *, n_passages: int = 1,
+                 max_passages: int | None = None) -> list[RCItem]:
         """Reading-comprehension items on fresh entities, TRAIN wordings only.
 
         Args:
           n: number of items.
           seed: their seed (different seeds give different entities).
-          n_passages: passages in each context; the question asks about one of them, the others
-            are distractors.
+          n_passages: passages in each context (the fewest, with `max_passages`); the question
+            asks about one of them at a random position, the others are distractors.
+          max_passages: None: every context has n_passages passages. Otherwise each item draws
+            its count uniformly from n_passages..max_passages (inclusive), from a generator of
+            its own, so max_passages == n_passages gives the same items as None.
+            `max_context_words(max_passages)` bounds the context length.
         """
         if n_passages < 1:
             raise ValueError(f"n_passages must be >= 1, got {n_passages}")
+        if max_passages is not None and max_passages < n_passages:
+            raise ValueError(f"max_passages must be None or >= n_passages ({n_passages}), got "
+                             f"{max_passages}")
         rng = np.random.default_rng([self.seed, seed, 2])
-        ents = self.fresh_entities(n * n_passages, seed)
+        if max_passages is None:
+            counts = [n_passages] * n
+        else:
+            count_rng = np.random.default_rng([self.seed, seed, 4])
+            counts = [int(c) for c in count_rng.integers(n_passages, max_passages + 1, size=n)]
+        ents = self.fresh_entities(sum(counts), seed)
+        starts = np.cumsum([0] + counts)
         out = []
         for i in range(n):
-            group = ents[i * n_passages:(i + 1) * n_passages]
-            target = group[int(rng.integers(n_passages))]
+            group = ents[starts[i]:starts[i + 1]]
+            target = group[int(rng.integers(len(group)))]
             a = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
             k = int(rng.integers(len(QUESTION_TEMPLATES[a]["train"])))
             ctx = " ".join(passage(e, int(rng.integers(len(PASSAGE_TEMPLATES)))) for e in group)
@@ -349,6 +539,49 @@ class World:
                                 trade2=pick("trade"), colour=pick("colour")))
         return out
 
+    def dream_examples(self, n: int, seed: int, *, split: str = "task",
+                       kinds: Sequence[str] = DREAM_KINDS) -> list[tuple[str, str]]:
+        """n (prompt, target) pairs that teach the dreaming prompts, on TASK entities.
+
+        Each pair: a random TASK entity and kind; prompt = `dream_prompt(kind, passage)` with the
+        entity's passage in a random template; target (with a leading space, as the demo's
+        (prompt, " " + answer) examples) by kind:
+          "implications": `fact_sentences(entity)`;
+          "qa": `qa_pairs(entity)`, its attributes as question-answer pairs in the task wording;
+          "rewrite": the entity's passage in another template.
+        Only TASK entities are allowed: these pairs go into base training, and TASK entities are
+        the ones no evaluation asks about (OLD/NEW facts would leak, and the task wording is
+        theirs alone).
+        """
+        if split != "task":
+            raise ValueError(f"dream examples use split 'task' only (never-evaluated entities, the "
+                             f"only ones asked in the task wording), got split {split!r}")
+        kinds = tuple(kinds)
+        for k in kinds:
+            if k not in DREAM_TEMPLATES:
+                raise ValueError(f"unknown dream kind {k!r}; allowed: {DREAM_KINDS}")
+        if not kinds:
+            raise ValueError(f"kinds must name at least one of {DREAM_KINDS}")
+        ents = self.entities(split)
+        if n > 0 and not ents:
+            raise ValueError("this world has no TASK entities (make_world(..., n_task=0)); "
+                             "dream examples need n_task >= 1")
+        rng = np.random.default_rng([self.seed, seed, 5])
+        n_t = len(PASSAGE_TEMPLATES)
+        out = []
+        for _ in range(n):
+            e = ents[int(rng.integers(len(ents)))]
+            kind = kinds[int(rng.integers(len(kinds)))]
+            t = int(rng.integers(n_t))
+            if kind == "implications":
+                target = fact_sentences(e)
+            elif kind == "qa":
+                target = qa_pairs(e, TASK_WORDING)
+            else:  # rewrite: any other template
+                target = passage(e, (t + 1 + int(rng.integers(n_t - 1))) % n_t)
+            out.append((dream_prompt(kind, passage(e, t)), " " + target))
+        return out
+
     def vocabulary_corpus(self) -> list[str]:
         """Same as the module's `vocabulary_corpus()`."""
         return vocabulary_corpus()
@@ -364,6 +597,14 @@ class World:
             _write_jsonl(paths[w], self.probe_records(split, w))
         return paths
 
+    def export_stream_jsonl(self, directory: str | os.PathLike, n_sets: int) -> str:
+        """Writes memory_stream.jsonl (`stream_records(n_sets)`); returns its path."""
+        records = self.stream_records(n_sets)  # checks n_sets before anything is written
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "memory_stream.jsonl")
+        _write_jsonl(path, records)
+        return path
+
 
 def _write_jsonl(path: str, records: Iterable[dict]) -> None:
     from sleep_jax.atomic import atomic_open
@@ -373,18 +614,23 @@ def _write_jsonl(path: str, records: Iterable[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def make_world(seed: int = 0, n_old: int = 200, n_new: int = 40) -> World:
-    """A world of n_old OLD and n_new NEW entities with unique names, deterministic by seed.
+def make_world(seed: int = 0, n_old: int = 200, n_new: int = 40, n_task: int = 40) -> World:
+    """A world of n_old OLD, n_new NEW and n_task TASK entities with unique names, by seed.
 
     Args:
       seed: numpy Generator seed; the same seed always gives the same world.
       n_old: entities the base model learns closed-book (the demo's default 200).
       n_new: entities whose memories are consolidated during sleep (default 40).
+      n_task: entities for training dream generators / RL (default 40), never evaluated. Drawn
+        after NEW from the same generator, so OLD and NEW do not depend on n_task.
     """
     if n_old < 0 or n_new < 0:
         raise ValueError(f"n_old and n_new must be >= 0, got {n_old}, {n_new}")
+    if n_task < 0:
+        raise ValueError(f"n_task must be >= 0, got {n_task}")
     rng = np.random.default_rng(seed)
     taken: set[tuple[str, ...]] = set()
     old = tuple(_random_entity(rng, f"old-{i:03d}", taken) for i in range(n_old))
     new = tuple(_random_entity(rng, f"new-{i:03d}", taken) for i in range(n_new))
-    return World(seed, old, new)
+    task = tuple(_random_entity(rng, f"task-{i:03d}", taken) for i in range(n_task))
+    return World(seed, old, new, task)
