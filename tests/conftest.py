@@ -3,8 +3,15 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+# LLVM optimisation level 1 instead of XLA's default 2 for the suite: the suite is bound by
+# XLA CPU compile time (hundreds of small programs), which this halves; the compiled programs
+# compute the same bits in the checks we ran (2026-12-01: a 30-step train loss bitwise equal at
+# levels 1 and 2, not at 0) and run about 1.2x slower. Subprocess workers inherit it. Commands
+# and the demo keep XLA's default. SLEEP_JAX_TEST_XLA_OPT=2 runs the suite at the default.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    + f" --xla_backend_optimization_level={os.environ.get('SLEEP_JAX_TEST_XLA_OPT', '1')}"
+).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
