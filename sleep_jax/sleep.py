@@ -45,20 +45,24 @@ log = logging.getLogger(__name__)
 
 PROMPTS_FILE = "sleep_prompts.jsonl"  # beside the model: every sleep's seeding prompts
 DEFAULT_FORMAT = "question: {question} answer:"
-REPLAY_SOURCES = ("prompts", "samples", "none")
+REPLAY_SOURCES = ("prompts", "samples", "texts", "none")
 PROMPT_SOURCES = ("given", "memory")
 OBJECTIVES = ("seeding", "sft")
 
 
 @dataclasses.dataclass(frozen=True)
 class ReplayConfig:
-    """Replay by self-distillation from the pre-sleep model (rows without memory).
+    """Replay: rows without memory that stand for the wake knowledge.
+
+    With the seeding objective a replay row is self-distillation from the pre-sleep model;
+    with the SFT objective it is the LM loss on a wake training example (``source="texts"``).
 
     fraction: share of each batch's rows that are replay rows (0 turns replay off).
     source: what stands for the wake knowledge: "prompts" (the caller's replay prompts, e.g.
       questions about OLD entities), "samples" (prefixes of ``samples`` unconditional samples of
-      the model, ``sample_tokens`` long, cut to at most ``prefix_tokens``; no labels needed) or
-      "none".
+      the model, ``sample_tokens`` long, cut to at most ``prefix_tokens``; no labels needed),
+      "texts" (SFT only: the caller's wake training examples, texts or (prompt, completion)
+      pairs, packed) or "none".
     earlier_sleeps: also replay every earlier sleep's seeding prompts (from the checkpoint).
     """
 
@@ -88,8 +92,9 @@ class SleepConfig:
     prompts: "given" (the caller's prompts per memory) or "memory" (cut from the memory text,
       at most ``max_prompts_per_memory`` each); prompts containing a probe question are dropped.
     memory_separator: text between the memory and the prompt in the teacher's row.
-    objective: "seeding" (Knowledge Seeding) or "sft" (LM loss on the memory texts, full model;
-      a baseline).
+    objective: "seeding" (Knowledge Seeding) or "sft" (LM loss on the memory texts, in the
+      expert slot or the full model, with replay of wake texts when ReplayConfig.source is
+      "texts"; a baseline).
     eval_every: the caller's eval callback every this many steps (and at the end).
     log_every / checkpoint_every / keep_checkpoints: the run loop (checkpoints with a workdir).
     eval_tokens / prompt_format: probe evaluation (greedy tokens, how a question is asked).
@@ -123,9 +128,6 @@ class SleepConfig:
             raise ValueError(f"SleepConfig.prompts={self.prompts!r}; allowed: {PROMPT_SOURCES}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"SleepConfig.objective={self.objective!r}; allowed: {OBJECTIVES}")
-        if self.objective == "sft" and self.expert:
-            raise ValueError("SleepConfig.objective='sft' trains the whole model: set "
-                             "expert=False")
         for name in ("steps", "batch_size", "slots", "rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SleepConfig.{name}={getattr(self, name)} must be >= 1")
@@ -234,6 +236,9 @@ def seeding_rows(tokenizer, memories, *, cfg: SleepConfig, replay: ReplayConfig,
             rep += [([], enc(p)) for p in replay_prompts]
         elif replay.source == "samples":
             rep += [([], list(p)) for p in (replay_ids or [])]
+        elif replay.source == "texts":
+            raise ValueError("ReplayConfig.source='texts' is the SFT objective's replay; "
+                             "seeding replays 'prompts' or 'samples'")
     n_earlier = 0
     if replay.fraction > 0 and replay.earlier_sleeps:
         for r in earlier:
@@ -307,13 +312,61 @@ def prepare_student(base, cfg: SleepConfig, rng, *, mesh):
     return model, slot, dst
 
 
+class ConcatBatches:
+    """Batches whose rows are one batch of each iterator, concatenated (a fixed row ratio);
+    resumable like its grain iterators (``get_state`` holds each one's state)."""
+
+    def __init__(self, *iterators):
+        self.iterators = iterators
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self):
+        return [it.get_state() for it in self.iterators]
+
+    def set_state(self, state) -> None:
+        for it, s in zip(self.iterators, state):
+            it.set_state(s)
+
+
+def sft_batches(memories, tokenizer, *, cfg: SleepConfig, replay: ReplayConfig,
+                replay_texts: Sequence | None, seed: int):
+    """The SFT objective's batches: memory texts one per padded row (``cfg.sft_seq_len``)
+    and, with ``replay.fraction`` > 0, ``round(fraction * batch_size)`` rows of the wake
+    training examples ``replay_texts`` packed at the same length (``source="texts"``)."""
+    from sleep_jax.data.pipeline import make_dataset
+
+    n_replay = round(replay.fraction * cfg.batch_size) if replay.fraction > 0 else 0
+    if n_replay and replay.source != "texts":
+        raise ValueError(f"the SFT objective replays wake training texts: "
+                         f"ReplayConfig.source={replay.source!r} must be 'texts' (or "
+                         f"fraction 0)")
+    if n_replay and not replay_texts:
+        raise ValueError("ReplayConfig.source='texts' needs replay_texts (the wake examples)")
+    if n_replay >= cfg.batch_size:
+        raise ValueError(f"ReplayConfig.fraction={replay.fraction} leaves no memory row in a "
+                         f"batch of {cfg.batch_size}")
+    mem = iter(make_dataset([m.text for m in memories], tokenizer, seq_len=cfg.sft_seq_len,
+                            batch_size=cfg.batch_size - n_replay, seed=seed, pack=False))
+    if not n_replay:
+        return mem
+    wake = iter(make_dataset(list(replay_texts), tokenizer, seq_len=cfg.sft_seq_len,
+                             batch_size=n_replay, seed=seed + 1, pack=True))
+    return ConcatBatches(mem, wake)
+
+
 @dataclasses.dataclass
 class SleepResult:
     """What one sleep returns."""
 
     model: object  # the student after the sleep (adapter written into its slot)
     slot: int | None  # the slot this sleep trained (None: full fine-tune)
-    curve: list  # [(step, eval_fn value)] at step 0, every cfg.eval_every and the end
+    curve: list[dict]  # [{"step", **eval_fn values}] at step 0, every cfg.eval_every, end
     history: list[dict]  # the metric records (metrics.jsonl with a workdir: resumed runs too)
     times: list[float]  # step wall times of this call (the first includes compilation)
     status: str
@@ -335,7 +388,8 @@ class SleepResult:
 def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
           seeding_cfg: seeding.SeedingConfig | None, replay: ReplayConfig,
           prompts: Mapping[str, Sequence[str]] | None = None,
-          replay_prompts: Sequence[str] | None = None, earlier: Sequence[dict] = (),
+          replay_prompts: Sequence[str] | None = None, replay_texts: Sequence | None = None,
+          earlier: Sequence[dict] = (),
           probe_questions: Sequence[str] = (), mesh=None, workdir: str | None = None,
           eval_fn: Callable | None = None, log_fn: Callable | None = None,
           desc: str = "sleep") -> SleepResult:
@@ -348,9 +402,12 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
       tokens: {"bos_id", "eos_id", "pad_id"} (a missing bos is the pad id).
       cfg, seeding_cfg, replay: the configs (``seeding_cfg`` None with objective "sft").
       prompts, replay_prompts, earlier, probe_questions: see ``seeding_rows``.
+      replay_texts: wake training examples replayed by the SFT objective (``sft_batches``).
       mesh: default one device.
       workdir: run folder: metrics.jsonl and checkpoints (train/); re-running resumes.
-      eval_fn: ``eval_fn(model) -> float`` for the curve (step 0, every cfg.eval_every, end).
+      eval_fn: ``eval_fn(model, step) -> {name: float}`` (or a float, named "eval") for the
+        curve: at step 0, every cfg.eval_every and at the end; recorded in the metrics as
+        "eval/<name>" (the callback may also keep the model, e.g. ``eval.select.BestCheckpoint``).
       log_fn: called with each metrics record.
     Keys and batches: numpy ``default_rng(cfg.seed + 17)`` draws the batches,
     ``key(cfg.seed + 1)`` is the base key (growth ``fold_in(., 99)``, replay sampling
@@ -384,13 +441,10 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
 
     rows = None
     if cfg.objective == "sft":
-        from sleep_jax.data.pipeline import make_dataset
         from sleep_jax.train.step import make_train_step
 
-        ds = make_dataset([m.text for m in memories], tokenizer, seq_len=cfg.sft_seq_len,
-                          batch_size=cfg.batch_size, seed=int(np_rng.integers(1 << 30)),
-                          pack=False)
-        source = iter(ds)
+        source = sft_batches(memories, tokenizer, cfg=cfg, replay=replay,
+                             replay_texts=replay_texts, seed=int(np_rng.integers(1 << 30)))
         step = make_train_step(state, mesh)
     else:
         replay_ids = None
@@ -417,19 +471,26 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
                                                         jax.random.fold_in(k, 1))
             return sstep(st, tg, ts, batch, k, None, imit)
 
-    curve = [(0, eval_fn(state.model()))] if eval_fn is not None else []
+    def evaluate(model, n) -> dict:
+        v = eval_fn(model, n)
+        return {f"eval/{k}": float(x) for k, x in
+                (v.items() if isinstance(v, Mapping) else [("eval", v)])}
+
+    curve = [{"step": 0, **evaluate(state.model(), 0)}] if eval_fn is not None else []
     lcfg = LoopConfig(steps=cfg.steps, log_every=cfg.log_every,
                       eval_every=cfg.eval_every if eval_fn is not None else 0,
                       checkpoint_every=cfg.checkpoint_every,
                       keep_checkpoints=cfg.keep_checkpoints, progress_bar=cfg.progress_bar,
                       seed=cfg.seed, tensorboard=False)
-    ev = None if eval_fn is None else (lambda n, st: {"eval": float(eval_fn(st.model()))})
+    ev = None if eval_fn is None else (lambda n, st: evaluate(st.model(), n))
     res = run_loop(step, state, source, cfg=lcfg, rng=key, workdir=workdir, eval_fn=ev,
                    desc=desc, log_fn=log_fn)
     history = res.history
     if workdir is not None:  # a resumed run: the records of every call
         history = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-    curve += [(r["step"], r["eval"]) for r in history if "eval" in r]
+    curve += [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval/")}}
+              for r in history if any(k.startswith("eval/") for k in r)]
+    curve = [{k.removeprefix("eval/"): v for k, v in c.items()} for c in curve]
     model = res.state.model()
     return SleepResult(model=model, slot=slot, curve=curve, history=history, times=res.times,
                        status=res.status, message=res.message, rows=rows,

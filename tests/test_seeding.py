@@ -145,6 +145,38 @@ def test_seeding_step_on_an_adapter_state_equals_the_masked_full_model_step(grow
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_self_teacher_is_the_live_weights_each_step(grown):
+    """OPSD (SeedingConfig.teacher="self"): every step equals a frozen-teacher step whose
+    teacher is the student's weights at that step (an independent route: the teacher passed
+    in by hand); a frozen base teacher gives a different run (the control)."""
+    base, student, _ = grown
+    # three equal states: each step donates its input state
+    tx = optax.adam(1e-2)  # one tx: it is static metadata of the state the steps were built for
+    a, b, c = (create_train_state(fresh_copy(student), tx) for _ in range(3))
+    rng = np.random.default_rng(3)
+    batch = seeding.make_batch(_rows(rng, 8, 3, 9), _rows(rng, 8, 2, 6), bos_id=1,
+                               teacher_len=16, student_len=8)
+    mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
+    self_step = seeding.make_seeding_step(seeding.SeedingConfig(max_new_tokens=3,
+                                                                teacher="self"),
+                                          a, mesh, eos_id=2)
+    frozen_step = seeding.make_seeding_step(seeding.SeedingConfig(max_new_tokens=3), b,
+                                            mesh, eos_id=2)
+    tg, ts = nnx.split(base)
+    for i in range(3):
+        live_g, live_s = nnx.split(fresh_copy(b.model()))  # the student's weights now
+        a, ma = self_step(a, tg, ts, batch, jax.random.key(i), None)
+        b, mb = frozen_step(b, live_g, live_s, batch, jax.random.key(i), None)
+        c, mc = frozen_step(c, tg, ts, batch, jax.random.key(i), None)
+        np.testing.assert_allclose(float(ma["divergence"]), float(mb["divergence"]),
+                                   rtol=1e-5, atol=1e-7)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    assert float(mc["divergence"]) != pytest.approx(float(ma["divergence"]), rel=1e-3)
+    with pytest.raises(ValueError, match="teacher='teach'"):
+        seeding.SeedingConfig(teacher="teach")
+
+
 def test_seeding_prompts_are_disjoint_from_evaluation():
     from sleep_jax.data import world as worldlib
     from sleep_jax.data.tokenizers import special_ids, word_level_tokenizer

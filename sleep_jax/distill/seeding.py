@@ -36,6 +36,8 @@ from sleep_jax.sampling import generate
 from sleep_jax.train.finite import skip_if_nonfinite
 from sleep_jax.train.state import TrainState, apply_gradients
 
+TEACHERS = ("frozen", "self")
+
 
 @dataclasses.dataclass(frozen=True)
 class SeedingConfig:
@@ -55,6 +57,9 @@ class SeedingConfig:
       scale-free cost, so a slot stays silent where it does not lower the divergence.
     Gate and output RMS are reported per row kind (memory / replay) whenever the student has
     slots.
+    teacher: "frozen" (the pre-sleep model passed to the step: Knowledge Seeding) or "self"
+      (the student's own current weights, gradient stopped: on-policy self-distillation, OPSD,
+      Zhao et al. 2026, arXiv 2601.18734; the passed teacher is then ignored).
     """
 
     divergence: str = "jsd"
@@ -71,6 +76,7 @@ class SeedingConfig:
     imitation_advantage: str = "grpo"
     gate_l1: float = 0.0
     expert_l1: float = 0.0
+    teacher: str = "frozen"
 
     def rl_config(self):
         """The RLConfig of the imitation part (GRPO-style update inside the seeding step)."""
@@ -93,6 +99,8 @@ class SeedingConfig:
                 raise ValueError(f"SeedingConfig.{name}={getattr(self, name)} must be >= 0")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"SeedingConfig.teacher={self.teacher!r}; allowed: {TEACHERS}")
 
 
 class SeedingBatch(NamedTuple):
@@ -209,6 +217,8 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
       rows, 0 for a kind absent from the batch).
     """
     student = state.model()
+    if cfg.teacher == "self":  # OPSD: the live weights teach (their logits are stop-gradient)
+        teacher = student
     aligned = collect(student, teacher, batch, rng, cfg, eos_id=eos_id, pad_id=pad_id)
     teacher_logits = jax.lax.stop_gradient(_logits(teacher, aligned.teacher))
 

@@ -49,9 +49,11 @@ def lm_loss(model: nnx.Module, batch: dict, rng: jax.Array) -> tuple[jax.Array, 
     return cross_entropy(logits_btv, batch["targets"], batch["loss_mask"])
 
 
-def _grads(graphdef, params, other, batch, rng, loss_fn):
+def _grads(graphdef, params, other, batch, rng, loss_fn, compose=None):
+    # ``compose``: an AdapterState's full_params (the adapter written into its slot)
     def f(p):
-        s, c = loss_fn(nnx.merge(graphdef, p, other), batch, rng)
+        s, c = loss_fn(nnx.merge(graphdef, p if compose is None else compose(p), other),
+                       batch, rng)
         return s, c
 
     (loss_sum, count), g = jax.value_and_grad(f, has_aux=True)(params)
@@ -89,8 +91,9 @@ def accumulate_gradients(state: TrainState, batch: dict, rng: jax.Array, micro_b
       (loss_sum, count, grads) with grads the gradient of loss_sum (not yet divided).
     """
     k = micro_batches
+    compose = getattr(state, "full_params", None)  # an AdapterState trains its slot only
     if k == 1:
-        return _grads(state.graphdef, state.params, state.other, batch, rng, loss_fn)
+        return _grads(state.graphdef, state.params, state.other, batch, rng, loss_fn, compose)
     micro = {n: _split_micro(v, k) for n, v in batch.items()}
     zero = jax.tree.map(jnp.zeros_like, state.params)
 
@@ -99,7 +102,7 @@ def accumulate_gradients(state: TrainState, batch: dict, rng: jax.Array, micro_b
         if micro_sharding is not None and mb["inputs"].shape[0] % _num_shards(micro_sharding) == 0:
             mb = {n: jax.lax.with_sharding_constraint(v, micro_sharding) for n, v in mb.items()}
         s, c, g = _grads(state.graphdef, state.params, state.other, mb,
-                         jax.random.fold_in(rng, i), loss_fn)
+                         jax.random.fold_in(rng, i), loss_fn, compose)
         ls, cs, gs = carry
         return (ls + s, cs + c, jax.tree.map(jnp.add, gs, g)), None
 
@@ -152,7 +155,8 @@ def make_train_step(state: TrainState, mesh: Mesh, *, micro_batches: int = 1,
     Returns:
       the step function; its jitted core is ``train_step.jitted`` (for ``_cache_size()``).
     """
-    state_sh = train_state_shardings(state, mesh, rules)
+    state_sh = (state.shardings(mesh, rules) if hasattr(state, "shardings")  # AdapterState
+                else train_state_shardings(state, mesh, rules))
     data_sh = batch_sharding(mesh, 2, rules=rules)
     repl = NamedSharding(mesh, PartitionSpec())
     micro_sh = data_sh if micro_batches > 1 else None
@@ -183,7 +187,8 @@ def make_train_step(state: TrainState, mesh: Mesh, *, micro_batches: int = 1,
 def make_eval_step(state: TrainState, mesh: Mesh, *, loss_fn: LossFn = lm_loss, rules=RULES
                    ) -> Callable[[TrainState, dict], tuple[jax.Array, jax.Array]]:
     """``eval_step(state, batch) -> (loss_sum, count)`` jitted on ``mesh`` (no donation)."""
-    state_sh = train_state_shardings(state, mesh, rules)
+    state_sh = (state.shardings(mesh, rules) if hasattr(state, "shardings")  # AdapterState
+                else train_state_shardings(state, mesh, rules))
     data_sh = batch_sharding(mesh, 2, rules=rules)
     repl = NamedSharding(mesh, PartitionSpec())
 
