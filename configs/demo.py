@@ -5,6 +5,8 @@ one-minute smoke run with tiny budgets, what the tests run). ``seeds`` runs seed
 demo.seed, demo.seed + 1, ...; ``demo`` holds every size and budget of
 ``sleep_jax.demo.DemoConfig`` (methods as a tuple, e.g.
 ``--config.demo.methods="('sft','sleep')"``; the methods are listed in sleep_jax/demo.py).
+``rows``: "default" runs demo.methods; "full" runs every baseline of the comparison
+(``sleep_jax.demo.FULL_ROWS``), about twice the time.
 """
 
 import ml_collections
@@ -26,5 +28,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.preset = name
     config.seeds = 1
+    config.rows = "default"  # "full": every baseline row (FULL_ROWS) instead of demo.methods
     config.demo = section(DemoConfig, **_PRESETS[name])
     return config

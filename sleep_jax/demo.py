@@ -7,8 +7,10 @@
    self-distillation on prompts about OLD entities.
 3. EVALUATE on HELD-OUT wordings only (near / far): closed-book NEW (what was learned),
    closed-book OLD (what was kept), open-book NEW (the teacher's level), KL to the base model on
-   general text. Baselines get the same steps and batch rows: SFT on the passages, seeding
-   without growth (full fine-tune), seeding without replay, in-context only.
+   general text. Each method's checkpoint is chosen on VALIDATION wordings only (best NEW with
+   OLD drop <= 5 points; ``eval.select``); its end-of-budget figures stand beside. Baselines get
+   the same steps and batch rows (``METHODS``); in-context only (a store of the last N
+   memories) needs no training.
 
 Settings: configs/demo.py (presets default and quick). Writes ``<workdir>/seed<k>/report.json``,
 ``report.md`` and PNG plots, and a summary over seeds.
@@ -43,6 +45,7 @@ class DemoConfig:
     seed: int = 0
     n_old: int = 200
     n_new: int = 40
+    n_task: int = 40  # TASK entities: dreaming-format examples in the wake mixture only
     # tiny base model (about 0.45M parameters; 2 layers: twice the wake steps of 4 in the same time)
     embed: int = 128
     layers: int = 2
@@ -50,13 +53,15 @@ class DemoConfig:
     mlp: int = 384
     # wake (base training)
     base_steps: int = 1400  # the reading-comprehension skill appears only after ~600-800
-    base_batch: int = 32  # packed rows of seq_len tokens
-    seq_len: int = 64
+    base_batch: int = 13  # packed rows of seq_len tokens (about 2,048 tokens a step)
+    seq_len: int = 160  # fits a store of 4 memories + question (world.max_open_book_words(4))
     qa_repeat: int = 2  # OLD closed-book QA repeated so it is not swamped by reading comp.
     base_lr: float = 3e-3
     base_warmup: int = 50
     rc_items: int = 3000
+    rc_max_passages: int = 4  # reading comprehension over 1..4 passages (distractors)
     general_items: int = 100
+    dream_items: int = 300  # dreaming-format examples on TASK entities
     # sleep
     sleep_steps: int = 600
     sleep_batch: int = 32
@@ -68,12 +73,23 @@ class DemoConfig:
     gate_l1: float = 0.02  # gated methods: cost of the router's mean gate
     expert_l1: float = 0.1  # sparse methods: cost of the expert output's RMS per token
     imitation_alpha: float = 0.5  # sleep_imitate: alpha * GKD + (1 - alpha) * imitation
+    sft_seq_len: int = 64  # SFT rows: one passage each; replayed wake rows packed to this
+    # evaluation and checkpoint selection (validation wordings only)
     eval_every: int = 50
-    methods: tuple[str, ...] = ("sft", "seed_full", "seed_noreplay", "sleep")
+    val_old_entities: int = 50  # OLD subsample of the validation curve
+    max_old_drop: float = 0.05  # selection: best validation NEW with OLD drop <= this
+    store_size: int = 4  # the in-context baseline's store: the last N memories
+    methods: tuple[str, ...] = ("sft_replay", "seed_full", "sleep")
 
 
 METHODS = {
     "sft": "fine-tune on the NEW passages (LM loss), full model",
+    "sft_replay": "SFT on the NEW passages + replay of the wake training mixture, full model",
+    "sft_slot_replay": "SFT into a new expert slot of the grown model + replay of the wake "
+                       "mixture (growth without distillation)",
+    "opsd": "on-policy self-distillation (OPSD): the live weights reading the memory teach "
+            "themselves without it, on their own samples; full model, no growth, no replay",
+    "opsd_frozen": "as opsd with the frozen pre-sleep model as teacher",
     "seed_full": "seeding without growth: full fine-tune, GKD + replay",
     "seed_noreplay": "seeding into a new expert slot, no replay",
     "sleep": "seeding into a new expert slot + replay (the method)",
@@ -85,6 +101,12 @@ METHODS = {
     "sleep_routed_sparse_low": "router (no gate cost) + output-RMS cost, less replay",
     "sleep_imitate": "as sleep, loss alpha * GKD + (1 - alpha) * Learning to Imitate (GRPO)",
 }
+
+
+# The comparison's rows (``--config.rows=full``): every baseline of the README's table.
+FULL_ROWS = ("sft", "sft_replay", "opsd", "seed_full", "seed_noreplay", "sft_slot_replay",
+             "sleep")
+ROWS = ("default", "full")
 
 
 def _setup_logging():
@@ -112,6 +134,10 @@ def parse(argv: list[str]) -> tuple[list[DemoConfig] | None, str]:
     if config is None:
         return None, ""
     cfg = from_section(DemoConfig, config.demo, "demo")
+    if config.rows not in ROWS:
+        raise ConfigError(f"rows={config.rows!r}; allowed: {', '.join(ROWS)}")
+    if config.rows == "full":
+        cfg = dataclasses.replace(cfg, methods=FULL_ROWS)
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown or not cfg.methods:
         raise ConfigError(f"demo.methods={cfg.methods!r}: unknown method(s) {unknown}; "

@@ -33,7 +33,7 @@ from sleep_jax.train.state import create_train_state, fresh_copy
 from sleep_jax.train.step import make_train_step
 
 log = logging.getLogger("sleep_jax.demo")
-WORDINGS = ("near", "far")
+TEST_WORDINGS = worldlib.EVALUATION  # ("near", "far"): read only for the final table
 
 
 @dataclasses.dataclass
@@ -53,18 +53,23 @@ class Ctx:
 
 # ----------------------------------------------------------------------------------- WAKE
 def base_examples(world: worldlib.World, cfg) -> list:
-    """Base-training examples; held-out (near/far) wordings never appear.
+    """Base-training examples (the wake mixture); held-out wordings (near/far, validation)
+    never appear.
 
     OLD passages in all templates and general text (LM loss on every token); OLD closed-book
     questions in TRAIN wordings, repeated ``cfg.qa_repeat`` times (loss on the answer); reading
-    comprehension on fresh entities (context + question -> answer).
+    comprehension on fresh entities over 1..``rc_max_passages`` passages (the others are
+    distractors: context + question -> answer); dreaming-format examples on TASK entities
+    (``World.dream_examples``: the prompts dreaming will use, never about OLD or NEW).
     """
     ex: list = list(world.passages("old", all_templates=True))
     ex += [(worldlib.closed_book_prompt(q.question), " " + q.answer)
            for q in world.qa("old", "train")] * cfg.qa_repeat
     ex += [(worldlib.open_book_prompt(r.context, r.question), " " + r.answer)
-           for r in world.rc_items(cfg.rc_items, seed=1)]
+           for r in world.rc_items(cfg.rc_items, seed=1, n_passages=1,
+                                   max_passages=cfg.rc_max_passages)]
     ex += world.general_text(cfg.general_items, seed=1)
+    ex += world.dream_examples(cfg.dream_items, seed=1)  # TASK entities only
     return ex
 
 
@@ -141,9 +146,14 @@ def grow_student(ctx: Ctx, base: nnx.Module, rng, router: bool = False
 
 # What each demo method is made of (descriptions in ``sleep_jax.demo.METHODS``): grow an expert
 # slot (else train the whole model), give it a router, replay "full" / "low" / "none", and the
-# seeding options it turns on ("sft": LM loss on the passages instead of seeding).
+# seeding options it turns on ("sft": LM loss on the passages instead of seeding, replaying the
+# wake mixture; "teacher": "self" for OPSD; "lam": the on-policy fraction).
 METHOD_PARTS = {
     "sft": dict(expert=False, replay="none", sft=True),
+    "sft_replay": dict(expert=False, sft=True),
+    "sft_slot_replay": dict(sft=True),
+    "opsd": dict(expert=False, replay="none", teacher="self", lam=1.0),
+    "opsd_frozen": dict(expert=False, replay="none", lam=1.0),
     "seed_full": dict(expert=False),
     "seed_noreplay": dict(replay="none"),
     "sleep": {},
@@ -181,35 +191,55 @@ def method_plan(cfg, method: str) -> MethodPlan:
         scfg = seeding.SeedingConfig(
             gate_l1=cfg.gate_l1 if parts.get("gate_l1") else 0.0,
             expert_l1=cfg.expert_l1 if parts.get("expert_l1") else 0.0,
-            alpha=cfg.imitation_alpha if parts.get("imitation") else 1.0)
+            alpha=cfg.imitation_alpha if parts.get("imitation") else 1.0,
+            teacher=parts.get("teacher", "frozen"), lam=parts.get("lam", 0.5))
     opt = lambda lr: OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.0)
     sleep_cfg = SleepConfig(
         steps=cfg.sleep_steps, batch_size=cfg.sleep_batch, expert=parts["expert"], slots=1,
         rank=cfg.expert_rank, router=parts["router"], optim=opt(cfg.expert_lr),
         full_optim=opt(cfg.full_lr), prompts="given", memory_separator="",
-        objective="sft" if parts.get("sft") else "seeding", seed=cfg.seed,
-        eval_every=cfg.eval_every, checkpoint_every=0)
-    return MethodPlan(sleep_cfg, scfg, ReplayConfig(fraction=replay, source="prompts",
+        objective="sft" if parts.get("sft") else "seeding", sft_seq_len=cfg.seq_len,
+        seed=cfg.seed, eval_every=cfg.eval_every, checkpoint_every=0)
+    source = "texts" if parts.get("sft") else "prompts"
+    return MethodPlan(sleep_cfg, scfg, ReplayConfig(fraction=replay, source=source,
                                                     earlier_sleeps=False))
 
 
-def run_method(ctx: Ctx, method: str, base: nnx.Module, evaluate_curve) -> dict:
-    """Sleep with one method through the sleep pipeline (``sleep_jax.sleep.sleep``); returns the
-    trained model, the curve, step timings, the method's configs and, with an expert, its
-    activity per row kind."""
+def run_method(ctx: Ctx, method: str, base: nnx.Module, validation, base_val_old: float
+               ) -> dict:
+    """Sleep with one method through the sleep pipeline (``sleep_jax.sleep.sleep``), choosing
+    its checkpoint on validation as it trains (``eval.select.BestCheckpoint``: best validation
+    NEW with validation OLD drop <= ``max_old_drop``). Returns the end model, the selected
+    model (None when no evaluation point qualifies) and its record, the validation curve, step
+    timings, the method's configs and, with an expert, its activity per row kind."""
     from sleep_jax.data.jsonl import Memory
+    from sleep_jax.eval.select import BestCheckpoint
 
     plan = method_plan(ctx.cfg, method)
     new = ctx.world.entities("new")
     memories = [Memory(e.name, worldlib.passage(e)) for e in new]
     prompts = {e.name: entity_prompts(e) for e in new}
     replay_prompts = [p for e in ctx.world.entities("old") for p in entity_prompts(e)]
+    replay_texts = base_examples(ctx.world, ctx.cfg) if plan.seeding is None else None
+    best = BestCheckpoint(base_val_old, ctx.cfg.max_old_drop)
+
+    def on_eval(model, step):
+        rec = validation(model)
+        best.update(step, rec, nnx.state(model, nnx.Param))
+        return rec
+
     r = run_sleep_pipeline(base, ctx.tok, memories, tokens={
         "bos_id": ctx.ids["bos"], "eos_id": ctx.ids["eos"], "pad_id": ctx.ids["pad"]},
         cfg=plan.sleep, seeding_cfg=plan.seeding, replay=plan.replay, prompts=prompts,
-        replay_prompts=replay_prompts, mesh=ctx.mesh, eval_fn=evaluate_curve,
-        desc=f"sleep: {method}")
-    out = {"model": r.model, "curve": r.curve, "step_s": r.step_s, "compile_s": r.compile_s,
+        replay_prompts=replay_prompts, replay_texts=replay_texts, mesh=ctx.mesh,
+        eval_fn=on_eval, desc=f"sleep: {method}")
+    selected = None
+    if best.qualifies:
+        selected = fresh_copy(r.model)
+        nnx.update(selected, jax.tree.map(jax.numpy.asarray, best.params))
+    curve = [{**c, "train_s": c["step"] * r.step_s} for c in r.curve]
+    out = {"model": r.model, "selected_model": selected, "selected": best.record,
+           "curve": curve, "step_s": r.step_s, "compile_s": r.compile_s,
            "configs": configs_to_dict(plan.sleep, plan.seeding, plan.replay)}
     if r.experts:
         out["experts"] = r.experts
@@ -239,33 +269,75 @@ def sft_step_time(ctx: Ctx, base: nnx.Module, n: int = 12) -> float:
 
 
 # ----------------------------------------------------------------------------------- EVAL
-def evaluate(ctx: Ctx, model, base, *, open_book: bool = False) -> dict:
-    """Closed-book NEW/OLD and (optionally) open-book NEW per held-out wording, and KL to base."""
-    kw = dict(bos_id=ctx.ids["bos"], eos_id=ctx.ids["eos"], pad_id=ctx.ids["pad"])
-    out = {}
-    for split in ("new", "old"):
-        for w in WORDINGS:
-            items = ctx.world.qa(split, w)
-            prompts = [worldlib.closed_book_prompt(q.question) for q in items]
-            s = probes.qa_scores(model, ctx.tok, prompts, [[q.answer] for q in items], **kw)
-            out[f"closed_{split}_{w}"] = s["em"]
-    if open_book:
-        for w in WORDINGS:
-            items = ctx.world.qa("new", w)
-            prompts = [worldlib.open_book_prompt(q.passage, q.question) for q in items]
-            s = probes.qa_scores(model, ctx.tok, prompts, [[q.answer] for q in items], **kw)
-            out[f"open_new_{w}"] = s["em"]
+def _scores(ctx: Ctx, model, prompts: list[str], items) -> float:
+    return probes.qa_scores(model, ctx.tok, prompts, [[q.answer] for q in items],
+                            bos_id=ctx.ids["bos"], eos_id=ctx.ids["eos"],
+                            pad_id=ctx.ids["pad"])["em"]
+
+
+def closed_book(ctx: Ctx, model, items) -> float:
+    """Exact match of closed-book answers to ``items`` (QAItems)."""
+    return _scores(ctx, model, [worldlib.closed_book_prompt(q.question) for q in items], items)
+
+
+def evaluate(ctx: Ctx, model, base) -> dict:
+    """Closed-book NEW/OLD on the held-out TEST wordings (near, far) and KL to the base on
+    general text: the final table's figures (never read to choose anything)."""
+    out = {f"closed_{split}_{w}": closed_book(ctx, model, ctx.world.qa(split, w))
+           for split in ("new", "old") for w in TEST_WORDINGS}
     general = ctx.world.general_text(200, seed=7)
     out["kl_to_base"] = probes.kl_to_base(model, base, ctx.tok, general, bos_id=ctx.ids["bos"],
                                           pad_id=ctx.ids["pad"])
     return out
 
 
+def open_book(ctx: Ctx, model) -> dict:
+    """NEW questions (test wordings) with the right passage alone in context: the teacher's
+    level."""
+    out = {}
+    for w in TEST_WORDINGS:
+        items = ctx.world.qa("new", w)
+        out[f"open_new_{w}"] = _scores(
+            ctx, model, [worldlib.open_book_prompt(q.passage, q.question) for q in items], items)
+    return out
+
+
+def in_context(ctx: Ctx, model) -> dict:
+    """The in-context-only baseline: every NEW question (test wordings) asked with a bounded
+    store of the last ``store_size`` NEW memories (arrival order) in context; a memory that
+    left the store is not there to read."""
+    n = ctx.cfg.store_size
+    store = " ".join(worldlib.passage(e) for e in ctx.world.entities("new")[-n:])
+    out = {}
+    for w in TEST_WORDINGS:
+        items = ctx.world.qa("new", w)
+        out[f"closed_new_{w}"] = _scores(
+            ctx, model, [worldlib.open_book_prompt(store, q.question) for q in items], items)
+    return out
+
+
+def make_validation(ctx: Ctx):
+    """``validation(model) -> {"val_new", "val_old"}``: closed-book accuracy on the
+    VALIDATION wordings (val_near + val_far), NEW entities and the first ``val_old_entities``
+    OLD ones (a subsample, for speed). The only figures that choose a checkpoint."""
+    keep = {e.id for e in ctx.world.entities("old")[:ctx.cfg.val_old_entities]}
+    new = [q for w in worldlib.VALIDATION for q in ctx.world.qa("new", w)]
+    old = [q for w in worldlib.VALIDATION for q in ctx.world.qa("old", w)
+           if q.memory_id in keep]
+
+    def validation(model) -> dict:
+        return {"val_new": closed_book(ctx, model, new), "val_old": closed_book(ctx, model, old)}
+
+    return validation
+
+
 def run_seed(cfg, workdir: str) -> dict:
     """Everything for one seed; writes report.json / report.md / plots into ``workdir``."""
+    from sleep_jax.demo import METHODS
+
     os.makedirs(workdir, exist_ok=True)
     t_start = time.time()
-    world = worldlib.make_world(cfg.seed, cfg.n_old, cfg.n_new)
+    world = worldlib.make_world(cfg.seed, cfg.n_old, cfg.n_new, cfg.n_task)
     tok = word_level_tokenizer(world.vocabulary_corpus())
     ids = special_ids(tok)
     model_cfg = ModelConfig(vocab=tok.get_vocab_size(), embed=cfg.embed, mlp=cfg.mlp,
@@ -273,8 +345,8 @@ def run_seed(cfg, workdir: str) -> dict:
                             head_dim=cfg.embed // cfg.heads, max_seq_len=256)
     mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
     ctx = Ctx(cfg, world, tok, ids, model_cfg, mesh)
-    log.info("seed %d: world %d OLD / %d NEW entities, vocabulary %d, model %s", cfg.seed,
-             cfg.n_old, cfg.n_new, tok.get_vocab_size(), model_cfg)
+    log.info("seed %d: world %d OLD / %d NEW / %d TASK entities, vocabulary %d, model %s",
+             cfg.seed, cfg.n_old, cfg.n_new, cfg.n_task, tok.get_vocab_size(), model_cfg)
 
     t0 = time.time()
     base = train_base(ctx)
@@ -285,40 +357,46 @@ def run_seed(cfg, workdir: str) -> dict:
                     tokens={"bos_id": ids["bos"], "eos_id": ids["eos"], "pad_id": ids["pad"],
                             "unk_id": ids["unk"], "add_bos": True, "chat_template": None},
                     extra={"source": "sleep-jax demo", "seed": cfg.seed})
-    world.export_jsonl(os.path.join(workdir, "data"), "new", WORDINGS)
-    base_eval = evaluate(ctx, base, base, open_book=True)
-    log.info("base: %s", _fmt(base_eval))
-
-    new_near = ctx.world.qa("new", "near")
-    curve_prompts = [worldlib.closed_book_prompt(q.question) for q in new_near]
-    curve_golds = [[q.answer] for q in new_near]
-
-    def curve_eval(model):
-        return probes.qa_scores(model, tok, curve_prompts, curve_golds, bos_id=ids["bos"],
-                                eos_id=ids["eos"], pad_id=ids["pad"])["em"]
+    world.export_jsonl(os.path.join(workdir, "data"), "new", TEST_WORDINGS)
+    validation = make_validation(ctx)
+    t0 = time.time()
+    base_eval = {**evaluate(ctx, base, base), **open_book(ctx, base), **validation(base)}
+    in_ctx = in_context(ctx, base)
+    t_eval = time.time() - t0
+    log.info("base: %s; in-context (store of %d): %s (%.0f s)", _fmt(base_eval),
+             cfg.store_size, _fmt(in_ctx), t_eval)
 
     results, curves, timing, method_configs = {}, {}, {}, {}
     for method in cfg.methods:
         t0 = time.time()
-        r = run_method(ctx, method, base, curve_eval)
-        results[method] = evaluate(ctx, r["model"], base)
-        results[method].update({f"expert_{k}": float(v)
-                                for k, v in r.get("experts", {}).items()})
+        r = run_method(ctx, method, base, validation, base_eval["val_old"])
+        last = r["curve"][-1]
+        end = {"step": last["step"], **evaluate(ctx, r["model"], base),
+               "val_new": last["val_new"], "val_old": last["val_old"]}
+        sel = r["selected"]
+        if sel is not None:
+            figures = (end if sel["step"] == end["step"]
+                       else evaluate(ctx, r["selected_model"], base))
+            sel = {**figures, "step": sel["step"], "val_new": sel["val_new"],
+                   "val_old": sel["val_old"]}
+        results[method] = {"description": METHODS[method], "qualifies": sel is not None,
+                           "selected": sel, "end": end,
+                           "extra": {f"expert_{k}": float(v)
+                                     for k, v in r.get("experts", {}).items()}}
         curves[method] = r["curve"]
         timing[method] = {"step_s": r["step_s"], "compile_s": r["compile_s"],
                           "wall_s": time.time() - t0}
         method_configs[method] = r["configs"]
-        log.info("%s: %s (%.0f s)", method, _fmt(results[method]), timing[method]["wall_s"])
-    sft_s = sft_step_time(ctx, base)
+        log.info("%s: selected %s; end %s (%.0f s)", method,
+                 "none qualifies" if sel is None else _fmt(sel), _fmt(end),
+                 timing[method]["wall_s"])
     report = {
         "seed": cfg.seed, "config": dataclasses.asdict(cfg), "model_config": model_cfg.to_dict(),
-        "method_configs": method_configs,
-        "base": base_eval, "methods": results, "curves": curves, "timing": timing,
-        "sft_step_s_grown": sft_s,
-        "seeding_step_cost_x_sft": (timing["sleep"]["step_s"] / sft_s
-                                    if "sleep" in timing else None),
-        "base_train_s": t_base, "wall_s": time.time() - t_start,
-        "platform": jax.devices()[0].platform,
+        "platform": jax.devices()[0].platform, "max_old_drop": cfg.max_old_drop,
+        "store_size": cfg.store_size, "base": base_eval, "in_context": in_ctx,
+        "methods": results, "curves": curves, "timing": timing,
+        "sft_step_s": sft_step_time(ctx, base), "method_configs": method_configs,
+        "base_train_s": t_base, "base_eval_s": t_eval, "wall_s": time.time() - t_start,
     }
     write_report(report, workdir)
     return report

@@ -121,7 +121,7 @@ def test_markdown_content(tmp_path):
     assert _table_row(t2, "sft").endswith("| 85.0 | 30.0 |")
     assert _table_row(t2, "sleep").startswith("| sleep | 30 |")
     t3 = _section(md, "## 3. Cost")
-    assert "plain SFT method" in t3 and "10.0 ms" in t3
+    assert "SFT step (LM loss) of the grown model" in t3 and "10.0 ms" in t3
     assert _table_row(t3, "sleep") == "| sleep | 20.0 | 2.00x | 3.0 | 15.0 | 40 |"
     assert "| replay | 12.0 | 1.20x |" in _table_row(t3, "replay")
     assert "| sft | 10.0 | 1.00x |" in _table_row(t3, "sft")

@@ -228,8 +228,12 @@ def markdown(report: Mapping) -> str:
     lines += ["", "## 3. Cost", ""]
     if sft:
         lines.append(f"*x SFT step* = the method's typical training step time divided by the "
-                     f"typical step time of the plain SFT method (full model, LM loss on the "
-                     f"memories) on the same batch shape: {1e3 * sft:.1f} ms.")
+                     f"time of one SFT step (LM loss) of the grown model on the seeding batch "
+                     f"shape (the same rows, prompt + completion tokens long): "
+                     f"{1e3 * sft:.1f} ms. A seeding step adds the teacher's forward pass over "
+                     f"memory + prompt and the sampling of completions; the SFT methods' own "
+                     f"rows are longer (one passage, or packed wake text, per row), so their "
+                     f"steps cost more than this unit.")
     else:
         lines.append("*x SFT step*: no SFT step time was measured for this report.")
     lines += ["", "*train s* = training wall time up to the last evaluation point (evaluation "
