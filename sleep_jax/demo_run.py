@@ -198,7 +198,7 @@ def method_plan(cfg, method: str) -> MethodPlan:
         steps=cfg.sleep_steps, batch_size=cfg.sleep_batch, expert=parts["expert"], slots=1,
         rank=cfg.expert_rank, router=parts["router"], optim=opt(cfg.expert_lr),
         full_optim=opt(cfg.full_lr), prompts="given", memory_separator="",
-        objective="sft" if parts.get("sft") else "seeding", sft_seq_len=cfg.seq_len,
+        objective="sft" if parts.get("sft") else "seeding", sft_seq_len=cfg.sft_seq_len,
         seed=cfg.seed, eval_every=cfg.eval_every, checkpoint_every=0)
     source = "texts" if parts.get("sft") else "prompts"
     return MethodPlan(sleep_cfg, scfg, ReplayConfig(fraction=replay, source=source,

@@ -1,6 +1,6 @@
 """The import layers the README draws: no module imports a higher layer.
 
-    0 data/ models/ mesh checkpoint atomic eval/qa,matrix,report   (foundation)
+    0 data/ models/ mesh checkpoint atomic eval/qa,matrix,report,select (foundation)
     1 sampling train/ eval/probes                                  (forward passes, updates)
     2 grow/ distill/ rl/                                           (the method's parts)
     3 sleep                                                        (the sleep pipeline)
