@@ -73,10 +73,6 @@ def apply_gradients(state: TrainState, grads, mask=None) -> TrainState:
     return state.replace(params=new_params, opt_state=new_opt, step=state.step + 1)
 
 
-def _params_like(tree, pdef) -> bool:
-    return jax.tree.structure(tree) == pdef
-
-
 def train_state_shardings(state: TrainState, mesh: jax.sharding.Mesh, rules=None) -> TrainState:
     """A TrainState-shaped tree of NamedShardings for ``state`` (abstract or concrete) on ``mesh``.
 
