@@ -52,7 +52,7 @@ class DemoConfig:
     heads: int = 4
     mlp: int = 384
     # wake (base training)
-    base_steps: int = 1200  # the reading-comprehension skill appears only after ~600-800
+    base_steps: int = 1000  # the budget (1,200 left the default rows 31 s over 10 minutes)
     base_batch: int = 16  # packed rows of seq_len tokens (2,048 tokens a step)
     seq_len: int = 128  # fits a store of 3 memories + question (world.max_open_book_words(3))
     qa_repeat: int = 2  # OLD closed-book QA repeated so it is not swamped by reading comp.
@@ -63,7 +63,7 @@ class DemoConfig:
     general_items: int = 100
     dream_items: int = 300  # dreaming-format examples on TASK entities
     # sleep
-    sleep_steps: int = 600
+    sleep_steps: int = 500
     sleep_batch: int = 32
     expert_rank: int = 32
     expert_lr: float = 2e-2
@@ -77,7 +77,7 @@ class DemoConfig:
     # packed to this length (longer reading-comprehension items are cut)
     # evaluation and checkpoint selection (validation wordings only)
     eval_every: int = 100
-    val_old_entities: int = 50  # OLD subsample of the validation curve
+    val_old_entities: int = 30  # OLD subsample of the validation curve
     max_old_drop: float = 0.05  # selection: best validation NEW with OLD drop <= this
     store_size: int = 3  # the in-context baseline's store: the last N memories
     # the default rows fit the 10-minute budget on 2 cores; --config.rows=full runs FULL_ROWS
@@ -136,6 +136,24 @@ def parse(argv: list[str]) -> tuple[list[DemoConfig] | None, str]:
     if config is None:
         return None, ""
     cfg = from_section(DemoConfig, config.demo, "demo")
+    problems = [f"demo.{k}={v} {why}" for k, v, ok, why in (
+        ("store_size", cfg.store_size, 1 <= cfg.store_size <= cfg.n_new,
+         f"must be in [1, n_new={cfg.n_new}]"),
+        ("val_old_entities", cfg.val_old_entities, cfg.val_old_entities >= 1, "must be >= 1"),
+        ("max_old_drop", cfg.max_old_drop, 0 <= cfg.max_old_drop <= 1, "must be in [0, 1]"),
+        ("eval_every", cfg.eval_every, cfg.eval_every >= 0, "must be >= 0"),
+    ) if not ok]
+    from sleep_jax.data.world import max_context_words, max_open_book_words
+
+    if cfg.sft_seq_len < max_context_words(1) + 2:
+        problems.append(f"demo.sft_seq_len={cfg.sft_seq_len} must be >= "
+                        f"{max_context_words(1) + 2} (the longest passage with bos and eos)")
+    rc = max_open_book_words(cfg.rc_max_passages) + 2  # bos, eos
+    if cfg.seq_len < rc:
+        problems.append(f"demo.seq_len={cfg.seq_len} cannot hold a reading-comprehension item "
+                        f"over rc_max_passages={cfg.rc_max_passages} passages ({rc} tokens)")
+    if problems:
+        raise ConfigError("; ".join(problems))
     if config.rows not in ROWS:
         raise ConfigError(f"rows={config.rows!r}; allowed: {', '.join(ROWS)}")
     if config.rows == "full":

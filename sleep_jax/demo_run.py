@@ -238,7 +238,11 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, validation, base_val_old
         selected = fresh_copy(r.model)
         nnx.update(selected, jax.tree.map(jax.numpy.asarray, best.params))
     curve = [{**c, "train_s": c["step"] * r.step_s} for c in r.curve]
+    if r.status != "done":
+        log.warning("%s stopped early (%s): %s", method, r.status, r.message)
+    end_step = r.history[-1]["step"] if r.history else 0
     out = {"model": r.model, "selected_model": selected, "selected": best.record,
+           "end_step": end_step, "status": r.status,
            "curve": curve, "step_s": r.step_s, "compile_s": r.compile_s,
            "configs": configs_to_dict(plan.sleep, plan.seeding, plan.replay)}
     if r.experts:
@@ -371,7 +375,9 @@ def run_seed(cfg, workdir: str) -> dict:
         t0 = time.time()
         r = run_method(ctx, method, base, validation, base_eval["val_old"])
         last = r["curve"][-1]
-        end = {"step": last["step"], **evaluate(ctx, r["model"], base),
+        if last["step"] != r["end_step"]:  # stopped between evaluations: validate the end too
+            last = {"step": r["end_step"], **validation(r["model"])}
+        end = {"step": r["end_step"], **evaluate(ctx, r["model"], base),
                "val_new": last["val_new"], "val_old": last["val_old"]}
         sel = r["selected"]
         if sel is not None:

@@ -342,6 +342,10 @@ def sft_batches(memories, tokenizer, *, cfg: SleepConfig, replay: ReplayConfig,
     from sleep_jax.data.pipeline import make_dataset
 
     n_replay = round(replay.fraction * cfg.batch_size) if replay.fraction > 0 else 0
+    if replay.fraction > 0 and not n_replay:
+        raise ValueError(f"ReplayConfig.fraction={replay.fraction} gives no replay row in a "
+                         f"batch of {cfg.batch_size}: raise it to >= "
+                         f"{0.5 / cfg.batch_size:.3g} or set 0")
     if n_replay and replay.source != "texts":
         raise ValueError(f"the SFT objective replays wake training texts: "
                          f"ReplayConfig.source={replay.source!r} must be 'texts' (or "
@@ -355,9 +359,30 @@ def sft_batches(memories, tokenizer, *, cfg: SleepConfig, replay: ReplayConfig,
                             batch_size=cfg.batch_size - n_replay, seed=seed, pack=False))
     if not n_replay:
         return mem
-    wake = iter(make_dataset(list(replay_texts), tokenizer, seq_len=cfg.sft_seq_len,
-                             batch_size=n_replay, seed=seed + 1, pack=True))
+    fits = fitting_examples(replay_texts, tokenizer, cfg.sft_seq_len)
+    log.info("SFT replay: %d of %d wake examples fit sft_seq_len=%d (longer ones are left "
+             "out: cut, a question would lose its answer)", len(fits), len(replay_texts),
+             cfg.sft_seq_len)
+    if not fits:
+        raise ValueError(f"no replay text fits SleepConfig.sft_seq_len={cfg.sft_seq_len}")
+    wake = iter(make_dataset(fits, tokenizer, seq_len=cfg.sft_seq_len, batch_size=n_replay,
+                             seed=seed + 1, pack=True))
     return ConcatBatches(mem, wake)
+
+
+def fitting_examples(examples: Sequence, tokenizer, seq_len: int) -> list:
+    """The examples the data pipeline does not cut at ``seq_len``: bos + text [+ completion]
+    + eos is at most seq_len + 1 tokens (a row holds inputs = all but the last)."""
+    from sleep_jax.data.pipeline import split_example
+
+    def n_tokens(ex) -> int:
+        text, completion = split_example(ex)
+        n = len(tokenizer.encode(text, add_special_tokens=False).ids) + 2
+        if completion is not None:
+            n += len(tokenizer.encode(completion, add_special_tokens=False).ids)
+        return n
+
+    return [ex for ex in examples if n_tokens(ex) - 1 <= seq_len]
 
 
 @dataclasses.dataclass

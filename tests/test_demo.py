@@ -56,6 +56,10 @@ def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
     assert "unknown config key in --config.demo.sleep_stpes" in capsys.readouterr().err
     assert main(["--workdir", str(out), "--config.seeds=0"]) == 2
     assert "seeds=0 must be >= 1" in capsys.readouterr().err
+    assert main(["--workdir", str(out), "--config.demo.store_size=0"]) == 2
+    assert "demo.store_size=0 must be in [1, n_new=40]" in capsys.readouterr().err
+    assert main(["--workdir", str(out), "--config.demo.sft_seq_len=20"]) == 2
+    assert "demo.sft_seq_len=20 must be >= 35" in capsys.readouterr().err
     assert main(["--workdir", str(out), "--config.rows=al"]) == 2
     assert "rows='al'; allowed: default, full" in capsys.readouterr().err
     assert not out.exists()

@@ -61,3 +61,17 @@ def test_online_selection_keeps_the_selected_points_parameters():
     none = BestCheckpoint(BASE_OLD)
     assert not none.update(10, {"val_new": 0.9, "val_old": 0.1}, {"w": np.zeros(1)})
     assert not none.qualifies and none.params is None
+
+
+def test_the_kept_parameters_survive_a_donating_step():
+    """The kept copy is not a view of the device buffer: a jitted step that donates the array
+    (as the train step donates its state) leaves it intact."""
+    import jax
+    import jax.numpy as jnp
+
+    best = BestCheckpoint(BASE_OLD)
+    x = jnp.arange(4.0)
+    assert best.update(0, {"val_new": 0.1, "val_old": 0.9}, {"w": x})
+    y = jax.jit(lambda a: a * 0.0 + 7.0, donate_argnums=0)(x)
+    np.testing.assert_array_equal(np.asarray(y), [7.0] * 4)
+    np.testing.assert_array_equal(best.params["w"], [0.0, 1.0, 2.0, 3.0])

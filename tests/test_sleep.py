@@ -194,6 +194,10 @@ def test_sft_into_a_slot_trains_only_that_slot_and_replays_wake_texts():
     rows = [tok.decode([int(t) for t in r if t]) for r in batch["inputs"]]
     assert all(any(f"n{n} " in r for n in range(40, 44)) for r in rows[:6]), rows
     assert all(any(f"n{n} " in r for n in range(8)) for r in rows[6:]), rows
+    assert (batch["loss_mask"].sum(1) > 0).all()  # no replay row cut down to no target
+    with pytest.raises(ValueError, match="gives no replay row"):
+        sft_batches(mems, tok, cfg=cfg, replay=ReplayConfig(fraction=0.05, source="texts"),
+                    replay_texts=wake, seed=0)
     with pytest.raises(ValueError, match="must be 'texts'"):
         sft_batches(mems, tok, cfg=cfg, replay=ReplayConfig(fraction=0.25, source="prompts"),
                     replay_texts=wake, seed=0)

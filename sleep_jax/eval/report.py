@@ -539,8 +539,8 @@ def summary_table(reports: list[dict]) -> tuple[str, dict]:
         e = data["end"][m]
         lines.append(row(m, f"{e['n_seeds']}/{e['n_seeds']}", e["figures"]))
     lines += ["", "## Step cost", "",
-              "Typical training step time over the plain SFT method's step time on the same "
-              "batch shape.", "", "| method | x SFT step |", "|---|---|"]
+              "Typical training step time over one SFT step (LM loss) of the grown model on "
+              "the seeding batch shape.", "", "| method | x SFT step |", "|---|---|"]
     for m in names:
         c = data["step_cost_x_sft"][m]
         lines.append(f"| {m} | " + (DASH if c is None else f"{c['mean']:.2f}x"

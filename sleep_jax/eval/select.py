@@ -66,8 +66,8 @@ class BestCheckpoint:
     evaluation keeps a host copy of the parameters of the best qualifying point so far.
 
     ``params`` is any pytree of arrays (for example ``nnx.state(model, nnx.Param)``); it is
-    copied to host numpy only when it becomes the best, so the cost is one transfer per
-    improvement.
+    copied to host numpy (a copy, never a view of a device buffer a later step may donate)
+    only when it becomes the best, so the cost is one transfer per improvement.
     """
 
     base_old: float
@@ -86,7 +86,9 @@ class BestCheckpoint:
         if cand is None or cand["step"] != r["step"]:
             return False
         self.record = cand
-        self.params = jax.tree.map(np.asarray, jax.device_get(params))
+        # a real copy: on CPU device_get can return a view of a buffer that the next
+        # (donating) train step reuses
+        self.params = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(params))
         return True
 
     @property
