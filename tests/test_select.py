@@ -63,15 +63,14 @@ def test_online_selection_keeps_the_selected_points_parameters():
     assert not none.qualifies and none.params is None
 
 
-def test_the_kept_parameters_survive_a_donating_step():
-    """The kept copy is not a view of the device buffer: a jitted step that donates the array
-    (as the train step donates its state) leaves it intact."""
-    import jax
+def test_the_kept_parameters_are_a_host_copy():
+    """The kept arrays own their memory: a view of the device buffer (what device_get gives
+    on CPU) would pin the train state's buffer, so the next donating step could not reuse it,
+    and would read whatever that buffer later holds if it were reused."""
     import jax.numpy as jnp
 
     best = BestCheckpoint(BASE_OLD)
     x = jnp.arange(4.0)
     assert best.update(0, {"val_new": 0.1, "val_old": 0.9}, {"w": x})
-    y = jax.jit(lambda a: a * 0.0 + 7.0, donate_argnums=0)(x)
-    np.testing.assert_array_equal(np.asarray(y), [7.0] * 4)
+    assert best.params["w"].flags.owndata and best.params["w"].flags.writeable
     np.testing.assert_array_equal(best.params["w"], [0.0, 1.0, 2.0, 3.0])

@@ -86,8 +86,8 @@ class BestCheckpoint:
         if cand is None or cand["step"] != r["step"]:
             return False
         self.record = cand
-        # a real copy: on CPU device_get can return a view of a buffer that the next
-        # (donating) train step reuses
+        # a real copy: on CPU device_get returns a view that pins the device buffer, which the
+        # next (donating) train step would otherwise reuse
         self.params = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(params))
         return True
 
