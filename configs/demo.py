@@ -1,7 +1,7 @@
 """The CPU demo: ``sleep-jax demo [--config configs/demo.py[:quick]] [--config.demo.KEY=VALUE]``.
 
 Presets: the default (about 10 minutes for one seed on 2 CPU cores) and ``quick`` (a
-one-minute smoke run with tiny budgets, what the tests run). ``seeds`` runs seeds
+short smoke run with tiny budgets; the tests shrink it further). ``seeds`` runs seeds
 demo.seed, demo.seed + 1, ...; ``demo`` holds every size and budget of
 ``sleep_jax.demo.DemoConfig`` (methods as a tuple, e.g.
 ``--config.demo.methods="('sft','sleep')"``; the methods are listed in sleep_jax/demo.py).
