@@ -94,7 +94,9 @@ class SleepConfig:
     memory_separator: text between the memory and the prompt in the teacher's row.
     objective: "seeding" (Knowledge Seeding) or "sft" (LM loss on the memory texts, in the
       expert slot or the full model, with replay of wake texts when ReplayConfig.source is
-      "texts"; a baseline).
+      "texts"; a baseline). With "sft", a replay fraction > 0 needs source "texts" and
+      ``replay_texts``, and ``expert=True`` trains the slot (both used by the demo only;
+      ``sleep_checkpoint`` runs the seeding objective).
     eval_every: the caller's eval callback every this many steps (and at the end).
     log_every / checkpoint_every / keep_checkpoints: the run loop (checkpoints with a workdir).
     eval_tokens / prompt_format: probe evaluation (greedy tokens, how a question is asked).
