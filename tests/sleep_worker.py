@@ -1,9 +1,10 @@
 """A sleep subprocess for the kill/resume test (tests/test_sleep.py).
 
-usage: python tests/sleep_worker.py WORKDIR STEPS [--kill-at N]
+usage: python tests/sleep_worker.py WORKDIR STEPS [--kill-at N] [--cache DIR]
 Saves a tiny random checkpoint (WORKDIR/base, once), then runs ``sleep_checkpoint`` on it with
 checkpoints every 2 steps into WORKDIR/out and prints the report as one JSON line.
-``--kill-at N`` SIGKILLs itself right after step N's metrics record is written.
+``--kill-at N`` SIGKILLs itself right after step N's metrics record is written; ``--cache DIR``
+is a persistent compilation cache shared by the runs (the re-runs compile nothing).
 """
 
 import argparse
@@ -41,7 +42,12 @@ def main() -> int:
     p.add_argument("workdir")
     p.add_argument("steps", type=int)
     p.add_argument("--kill-at", type=int, default=0)
+    p.add_argument("--cache", default="")
     a = p.parse_args()
+    if a.cache:
+        jax.config.update("jax_compilation_cache_dir", a.cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
     from sleep_jax.data.jsonl import Memory, Probe
     from sleep_jax.distill.seeding import SeedingConfig

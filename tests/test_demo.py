@@ -5,7 +5,8 @@ test_seeding_learning.py."""
 import json
 import os
 
-from sleep_jax.demo import main
+from sleep_jax.demo import DemoConfig, main
+from sleep_jax.demo_run import METHOD_PARTS, method_plan
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # The quick preset shrunk further: nothing asserted here depends on the sizes or on learning
@@ -19,7 +20,7 @@ SMALLER = [f"--config.demo.{k}={v}" for k, v in dict(
 
 def test_demo_quick_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
-    methods = ("sft_slot_replay", "opsd", "sleep_gated")  # SFT + replay in a slot, OPSD, router
+    methods = ("opsd", "sleep_gated")  # OPSD, the router (SFT in a slot: test_sleep.py)
     assert main(["--config", f"{CONFIGS}/demo.py:quick", "--workdir", str(out),
                  f"--config.demo.methods={methods!r}", *SMALLER]) == 0
     seed = out / "seed0"
@@ -38,7 +39,6 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
     assert gated["expert_rms_memory_rows"] > 0.0
     assert report["methods"]["opsd"]["end"]["kl_to_base"] > 0.0
     assert report["method_configs"]["opsd"]["seeding"]["teacher"] == "self"
-    assert report["method_configs"]["sft_slot_replay"]["replay"]["source"] == "texts"
     curve = report["curves"]["sleep_gated"]
     assert [c["step"] for c in curve] == [0, 2, 4] and curve[0]["train_s"] == 0.0
     assert report["sft_step_s"] > 0
@@ -46,6 +46,23 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
         assert (seed / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert "| sleep_gated |" in (out / "summary.md").read_text()
     assert (seed / "base" / "config.json").exists()
+
+
+def test_every_method_plans_a_valid_sleep():
+    """Each demo method's options (METHOD_PARTS) become valid SleepConfig/SeedingConfig/
+    ReplayConfig (their checks run in __post_init__), without training."""
+    cfg = DemoConfig()
+    for method in METHOD_PARTS:
+        plan = method_plan(cfg, method)
+        assert plan.sleep.steps == cfg.sleep_steps and plan.sleep.slots == 1, method
+        sft = bool(METHOD_PARTS[method].get("sft"))
+        assert (plan.seeding is None) == sft and (plan.sleep.objective == "sft") == sft, method
+        assert plan.replay.source == ("texts" if sft else "prompts"), method
+    assert method_plan(cfg, "seed_noreplay").replay.fraction == 0.0
+    assert method_plan(cfg, "sleep").replay.fraction == cfg.replay_fraction > 0
+    assert method_plan(cfg, "opsd").seeding.teacher == "self"
+    assert method_plan(cfg, "sleep_gated").sleep.router
+    assert not method_plan(cfg, "seed_full").sleep.expert
 
 
 def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):

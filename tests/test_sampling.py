@@ -29,13 +29,23 @@ def _prompts(lengths, P, seed=0):
     return jnp.asarray(toks), jnp.asarray(lengths, jnp.int32)
 
 
-def _greedy_reference(model, row, n_new):
-    """Uncached: re-run the whole sequence for every new token."""
+@jax.jit(static_argnums=0)
+def _last_logits(graphdef, state, seq, n):
+    """Uncached logits at position n-1 of one right-padded row [W] (one compile for every n:
+    causal attention keeps the padding after n out of position n-1)."""
+    logits = nnx.merge(graphdef, state)(seq[None], jnp.arange(seq.shape[0])[None])[0][0]
+    return logits[n - 1]
+
+
+def _greedy_reference(model, row, n_new, width=16):
+    """Uncached: re-run the whole sequence (right-padded to ``width``) for every new token."""
+    graphdef, state = nnx.split(model)
     seq = list(row)
+    assert len(row) + n_new <= width
     logits_seen = []
     for _ in range(n_new):
-        t = jnp.asarray([seq])
-        logits = model(t, jnp.arange(len(seq))[None])[0][0, -1]
+        padded = jnp.asarray(seq + [0] * (width - len(seq)), jnp.int32)
+        logits = _last_logits(graphdef, state, padded, len(seq))
         logits_seen.append(np.asarray(logits))
         seq.append(int(jnp.argmax(logits)))
     return seq[len(row):], logits_seen
@@ -59,8 +69,7 @@ def test_greedy_equals_uncached_argmax_and_padded_rows_equal_rows_alone(model):
         # log-probs of greedy tokens = log_softmax of the uncached logits
         lp = [jax.nn.log_softmax(lg)[t] for lg, t in zip(ref_logits, ref)]
         np.testing.assert_allclose(np.asarray(out.logprobs[b]), lp, rtol=1e-4, atol=1e-5)
-        alone = generate(model, toks[b:b + 1, :n], lens[b:b + 1], jax.random.key(0),
-                         max_new_tokens=6, temperature=0.0)
+        alone = _gen(g, s, toks[b:b + 1], lens[b:b + 1], 6, 0.0)  # no other rows beside it
         assert list(np.asarray(alone.tokens[0])) == ref
     # a second call with the same shapes does not recompile
     size = _gen._cache_size()

@@ -151,7 +151,9 @@ def test_two_sleeps_learn_both_memory_sets_and_keep_the_first(base):  # noqa: F8
 
 
 def _worker(workdir, steps, kill_at=0):
-    cmd = [sys.executable, WORKER, str(workdir), str(steps)]
+    # one persistent compilation cache for the three runs (tmp_path's parent: this test's)
+    cmd = [sys.executable, WORKER, str(workdir), str(steps), "--cache",
+           str(workdir.parent / "jax_cache")]
     if kill_at:
         cmd += ["--kill-at", str(kill_at)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
