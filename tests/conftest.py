@@ -19,6 +19,24 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.hookimpl(trylast=True)  # after the tmp_path plugin has set up basetemp
+def pytest_configure(config):
+    """One persistent compilation cache for this run, shared by the xdist workers and the
+    subprocesses the tests start (the environment): many tests compile the same programs (the
+    same tiny models, steps rebuilt by each sleep). It lives under this run's pytest basetemp,
+    so every run starts empty (nothing carried over between runs) and pytest removes old ones.
+    SLEEP_JAX_TEST_JAX_CACHE=0 turns it off."""
+    if os.environ.get("SLEEP_JAX_TEST_JAX_CACHE", "1") == "0":
+        return
+    base = config._tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = str(root / "jax_cache")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from sleep_jax.models import get_preset
