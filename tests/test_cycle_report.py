@@ -58,7 +58,7 @@ def test_write_report_round_trip_md_and_pngs(tmp_path):
             for line in md.splitlines() if line.startswith("| s")}
     assert rows["sleep + dream"] == ["3", "0.6000", "-0.2000", "+0.1000", "0.3000", "0.7333",
                                      "0.04", "11.0"]
-    # tiny: ACC .7, BWT .5-.6, no FWT term... R[1,2]-R[0,2] = .3-.2; forgetting .6-.5; LA .75
+    # tiny: ACC (.5+.9)/2, BWT .5-.6, FWT R[1,2]-R[0,2] = .3-.2, forgetting .6-.5, LA (.6+.9)/2
     assert rows["sft replay"] == ["2", "0.7000", "-0.1000", "+0.1000", "0.1000", "0.7500",
                                   "-", "4.0"]
     assert "| after cycle 2 | 0.800 | 0.700 | - |" in md
