@@ -1,9 +1,8 @@
-"""QA scores and accuracy-matrix metrics against hand-computed values."""
+"""QA scores against hand-computed values (accuracy-matrix metrics: tests/test_matrix.py)."""
 
-import numpy as np
 import pytest
 
-from sleep_jax.eval import matrix, qa
+from sleep_jax.eval import qa
 
 
 def test_normalize_answer():
@@ -45,34 +44,3 @@ def test_score_means_and_errors():
     with pytest.raises(ValueError, match="golds is empty"):
         qa.f1_score("lima", [])
 
-
-R = np.array([
-    [0.90, 0.10, 0.00],
-    [0.95, 0.80, 0.20],
-    [0.50, 0.70, 0.95],
-])
-
-
-def test_matrix_metrics_hand_computed():
-    assert matrix.average_accuracy(R) == pytest.approx((0.50 + 0.70 + 0.95) / 3)
-    # BWT: ((0.50 - 0.90) + (0.70 - 0.80)) / 2
-    assert matrix.backward_transfer(R) == pytest.approx(-0.25)
-    # forgetting: task 0 best earlier 0.95 -> 0.50 (0.45); task 1 best 0.80 -> 0.70 (0.10)
-    assert matrix.forgetting(R) == pytest.approx(0.275)
-    # FWT: ((R[0,1] - 0.1) + (R[1,2] - 0.1)) / 2
-    assert matrix.forward_transfer(R, [0.1, 0.1, 0.1]) == pytest.approx(0.05)
-    assert matrix.learning_accuracy(R) == pytest.approx((0.90 + 0.80 + 0.95) / 3)
-    m = matrix.continual_metrics(R.tolist(), baseline=[0.1, 0.1, 0.1])
-    assert set(m) == {"acc", "bwt", "forgetting", "learning_acc", "fwt"}
-    assert m["forgetting"] == pytest.approx(0.275)
-
-
-def test_matrix_single_task_and_errors():
-    assert matrix.continual_metrics([[0.7]]) == {
-        "acc": 0.7, "bwt": 0.0, "forgetting": 0.0, "learning_acc": 0.7}
-    with pytest.raises(ValueError, match="square"):
-        matrix.average_accuracy(np.zeros((2, 3)))
-    with pytest.raises(ValueError, match="non-finite"):
-        matrix.backward_transfer([[1.0, np.nan], [0.0, 1.0]])
-    with pytest.raises(ValueError, match="one accuracy per task"):
-        matrix.forward_transfer(R, [0.1, 0.1])

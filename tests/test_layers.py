@@ -1,6 +1,6 @@
 """The import layers the README draws: no module imports a higher layer.
 
-    0 data/ models/ mesh checkpoint atomic eval/qa,matrix,report,select (foundation)
+    0 data/ models/ mesh checkpoint atomic eval/qa,matrix,report,select,cycle_report (foundation)
     1 sampling train/ eval/probes                                  (forward passes, updates)
     2 grow/ distill/ rl/                                           (the method's parts)
     3 sleep                                                        (the sleep pipeline)
@@ -20,7 +20,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 LAYERS = {
     0: ("sleep_jax", "sleep_jax.atomic", "sleep_jax.mesh", "sleep_jax.checkpoint",
         "sleep_jax.data", "sleep_jax.models", "sleep_jax.eval", "sleep_jax.eval.qa",
-        "sleep_jax.eval.matrix", "sleep_jax.eval.report"),
+        "sleep_jax.eval.matrix", "sleep_jax.eval.report", "sleep_jax.eval.cycle_report"),
     1: ("sleep_jax.sampling", "sleep_jax.train", "sleep_jax.eval.probes"),
     2: ("sleep_jax.grow", "sleep_jax.distill", "sleep_jax.rl"),
     3: ("sleep_jax.sleep",),
