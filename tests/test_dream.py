@@ -186,6 +186,13 @@ def test_bad_input_is_refused(slotted):
         DreamConfig(score="mean")
     with pytest.raises(ValueError, match="score="):
         select.importance(None, None, None, None, None, None, score="mean")
+    tx = make_optimizer(OptimConfig(), 10)
+    with pytest.raises(ValueError, match="must be two different slots"):
+        iteration.prepare(slotted, gen_slot=GEN, inner_slot=GEN, tx=tx)
+    gen = create_adapter_state(slotted, GEN, tx)  # a generator slot whose B is not zero
+    frozen = jax.tree.map(lambda x: x + 1.0, gen.frozen)
+    with pytest.raises(ValueError, match="must have B = 0"):
+        iteration.check_generator(gen.replace(frozen=frozen), INNER)
 
 
 def _contains(dream, ctx):
@@ -202,10 +209,9 @@ def test_one_dream_iteration_is_one_jitted_pure_function(slotted, case, rewards_
     the metrics by hand, the base untouched and the generator adapter moved (ReST-EM: exactly
     when a dream beat the null dream)."""
     bos = 1
-    gen = create_adapter_state(slotted, GEN, make_optimizer(OptimConfig(lr=1e-2,
-                                                                        warmup_steps=0), 10))
-    base, a0 = inner.make_base(slotted, INNER)
-    iteration.check_generator(gen, INNER)
+    gen, a0 = iteration.prepare(slotted, gen_slot=GEN, inner_slot=INNER,
+                                tx=make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10))
+    base = inner.make_base(slotted, INNER)[0]
     ctx = np.r_[bos, np.asarray(case["ctx"])[:T - 1]]
     cmask = np.r_[True, np.asarray(case["ctx_mask"])[:T - 1]]
     rng = np.random.default_rng(3)

@@ -55,7 +55,7 @@ from sleep_jax.grow.experts import used_slots
 from sleep_jax.rl.config import RLConfig
 from sleep_jax.rl.rollout import Rollout, policy_outputs, sample_rollout, with_rewards
 from sleep_jax.rl.update import grpo_update
-from sleep_jax.train.adapters import AdapterState, extract_adapter
+from sleep_jax.train.adapters import AdapterState, create_adapter_state, extract_adapter
 from sleep_jax.train.finite import skip_if_nonfinite
 from sleep_jax.train.state import apply_gradients
 
@@ -90,6 +90,21 @@ def check_generator(gen: AdapterState, inner_slot: int) -> None:
         raise ValueError(f"the frozen values of generator slot {gslot} must have B = 0 (as "
                          f"activate_slot leaves them): the dreams' base model would otherwise "
                          f"include an old generator")
+
+
+def prepare(model: nnx.Module, *, gen_slot: int, inner_slot: int, tx
+            ) -> tuple[AdapterState, nnx.State]:
+    """(generator state, adapter0) for dreaming with ``model`` (host side, checked).
+
+    Both slots must be on (``grow.activate_slot``) and the generator slot's B zero; the
+    generator state trains slot ``gen_slot`` with optimizer ``tx`` (``train.adapters``), and
+    adapter0 is the inner slot's values, the start of every inner adapter.
+    """
+    from sleep_jax.dream.inner import make_base
+
+    gen = create_adapter_state(model, gen_slot, tx)
+    check_generator(gen, inner_slot)
+    return gen, make_base(model, inner_slot)[1]
 
 
 def _rl_config(rl: RLConfig, cfg: DreamConfig, group: int) -> RLConfig:
