@@ -113,9 +113,10 @@ def test_vmapped_inner_loop_equals_a_loop_of_the_per_dream_function(case, reward
 def test_a_dream_stating_the_answers_beats_an_unrelated_dream_and_the_null_dream(rewarded):
     _, _, out = rewarded
     r = np.asarray(out["rewards"])  # relative to the null dream (C itself): null = 0
-    assert r[0] > 0.1, r  # stating the answers beats copying the passage
+    # measured (CPU, 2026-12-01): r = [0.305, 0.046]
+    assert r[0] > 0.15, r  # stating the answers beats copying the passage
     assert r[0] > r[1] + 0.15, r  # and beats an unrelated dream
-    assert r[1] < 0.05, r  # the unrelated dream does not beat the null dream
+    assert abs(r[1]) < 0.15, r  # an unrelated dream gains little over the null dream
     # by hand from the scored log-probs: r_m = mean_q (c_q(m) - c_q(null))
     lp = np.asarray(out["logprobs"], np.float64)
     c = lp[:, np.arange(Q), [0, 1, 2]] - np.log(np.exp(lp).sum(-1))
