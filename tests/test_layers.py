@@ -2,7 +2,7 @@
 
     0 data/ models/ mesh checkpoint atomic eval/qa,matrix,report,select,cycle_report (foundation)
     1 sampling train/ eval/probes                                  (forward passes, updates)
-    2 grow/ distill/ rl/                                           (the method's parts)
+    2 grow/ distill/ rl/ dream/                                    (the method's parts)
     3 sleep                                                        (the sleep pipeline)
     4 config cli demo demo_run */cli.py                            (commands)
 
@@ -22,7 +22,7 @@ LAYERS = {
         "sleep_jax.data", "sleep_jax.models", "sleep_jax.eval", "sleep_jax.eval.qa",
         "sleep_jax.eval.matrix", "sleep_jax.eval.report", "sleep_jax.eval.cycle_report"),
     1: ("sleep_jax.sampling", "sleep_jax.train", "sleep_jax.eval.probes"),
-    2: ("sleep_jax.grow", "sleep_jax.distill", "sleep_jax.rl"),
+    2: ("sleep_jax.grow", "sleep_jax.distill", "sleep_jax.rl", "sleep_jax.dream"),
     3: ("sleep_jax.sleep",),
     4: ("sleep_jax.config", "sleep_jax.cli", "sleep_jax.demo", "sleep_jax.demo_run"),
 }

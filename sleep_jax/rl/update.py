@@ -53,13 +53,16 @@ def loss_norms(mb: Rollout, cfg: RLConfig) -> dict:
             "pg": seq if cfg.policy_loss == "clipped_sequence" else tok}
 
 
-def grpo_loss(params, batch: Rollout, *, graphdef, other, cfg: RLConfig, norms: dict):
+def grpo_loss(params, batch: Rollout, *, graphdef, other, cfg: RLConfig, norms: dict,
+              compose=None):
     """The RL loss of ``batch`` (a mini- or micro-batch) normalised by mini-batch ``norms``.
 
+    ``compose``: params -> the full parameters (an ``AdapterState``'s ``full_params``: the
+    trained adapter written into its slot), or None when ``params`` are the full parameters.
     Returns (loss, aux) with aux the un-normalised sums of pg, kl, entropy, clip and value
     terms (PPO's value term only when cfg.algorithm == "ppo").
     """
-    model = nnx.merge(graphdef, params, other)
+    model = nnx.merge(graphdef, params if compose is None else compose(params), other)
     ppo = cfg.algorithm == "ppo"
     po = policy_outputs(model, batch.prompt, batch.prompt_len, batch.completion, batch.mask,
                         temperature=cfg.temperature, values=ppo, entropy=True)
@@ -91,7 +94,8 @@ def _split_micro(x, k: int):
 def _minibatch_step(state: TrainState, mb: Rollout, mask, cfg: RLConfig):
     norms = loss_norms(mb, cfg)
     grad_fn = jax.value_and_grad(grpo_loss, has_aux=True)
-    kw = dict(graphdef=state.graphdef, other=state.other, cfg=cfg, norms=norms)
+    kw = dict(graphdef=state.graphdef, other=state.other, cfg=cfg, norms=norms,
+              compose=getattr(state, "full_params", None))  # an AdapterState trains its slot
     k = cfg.micro_batches
     if k == 1:
         (loss, aux), grads = grad_fn(state.params, mb, **kw)
