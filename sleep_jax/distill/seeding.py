@@ -26,9 +26,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from sleep_jax.data.tokenizers import pad_rows
 from sleep_jax.distill import align
 from sleep_jax.distill.divergences import DIVERGENCES
 from sleep_jax.models.protocol import EXPERTS, capabilities, forward
@@ -118,19 +118,15 @@ class SeedingBatch(NamedTuple):
 
 def make_batch(memories, prompts, *, bos_id: int, teacher_len: int,
                student_len: int, pad_id: int = 0) -> SeedingBatch:
-    """Build a SeedingBatch from token-id lists (an empty memory makes a replay row)."""
-    B = len(prompts)
-    tp = np.full((B, teacher_len), pad_id, np.int32)
-    sp = np.full((B, student_len), pad_id, np.int32)
-    tl, sl = np.zeros(B, np.int32), np.zeros(B, np.int32)
-    for b, (m, p) in enumerate(zip(memories, prompts)):
-        t = [bos_id] + list(m) + list(p)
-        s = [bos_id] + list(p)
-        if len(t) > teacher_len or len(s) > student_len:
-            raise ValueError(f"row {b}: teacher prefix {len(t)} / student prefix {len(s)} tokens "
-                             f"exceed teacher_len={teacher_len} / student_len={student_len}")
-        tp[b, :len(t)], sp[b, :len(s)] = t, s
-        tl[b], sl[b] = len(t), len(s)
+    """Build a SeedingBatch from token-id lists (an empty memory makes a replay row): teacher
+    prefixes [B, teacher_len] = bos + memory + prompt, student prefixes [B, student_len] =
+    bos + prompt, right-padded (`data.tokenizers.pad_rows`; a row too long is named)."""
+    teacher = [[bos_id, *m, *p] for m, p in zip(memories, prompts)]
+    student = [[bos_id, *p] for p in prompts]
+    tp, tl = pad_rows(teacher, pad_id=pad_id, width=teacher_len,
+                      where="seeding row (teacher prefix: bos + memory + prompt)")
+    sp, sl = pad_rows(student, pad_id=pad_id, width=student_len,
+                      where="seeding row (student prefix: bos + prompt)")
     return SeedingBatch(tp, tl, sp, sl)
 
 
