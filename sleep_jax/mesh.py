@@ -94,13 +94,43 @@ def resolve_mesh_shape(spec, n_devices: int) -> dict[str, int]:
     return shape
 
 
-def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
-    """A ``Mesh`` over ``devices`` (default: all) with axes data, fsdp, tensor, all Auto.
+_ORDER: dict[tuple, list] = {}
 
-    Auto axis types let ``with_sharding_constraint`` and GSPMD propagation work the same on
-    jax 0.10 (whose ``make_mesh`` defaults to Explicit axes) and 0.11.
+
+def device_order() -> list:
+    """All devices of all processes in the one order every default mesh reshapes.
+
+    On TPU the topology-aware order of ``mesh_utils.create_device_mesh`` for a flat mesh
+    (neighbours on the interconnect stay adjacent, so the inner axes of every reshape are
+    rings); elsewhere ``jax.devices()``. Computed once per process, so meshes of different
+    shapes share one order: a jit given arrays on two such meshes sees compatible devices.
     """
-    devices = list(jax.devices() if devices is None else devices)
+    devices = jax.devices()
+    key = tuple(d.id for d in devices)
+    if key not in _ORDER:
+        order = list(devices)
+        if devices[0].platform == "tpu" and len(devices) > 1:
+            from jax.experimental import mesh_utils
+
+            try:
+                order = list(mesh_utils.create_device_mesh(
+                    (len(devices),), devices, allow_split_physical_axes=True).ravel())
+            except (ValueError, NotImplementedError, AssertionError) as e:
+                log.warning("no topology-aware device order (%s): using jax.devices()", e)
+        _ORDER[key] = order
+    return list(_ORDER[key])
+
+
+def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
+    """A ``Mesh`` over ``devices`` (default: all, in ``device_order()``) with axes data, fsdp,
+    tensor, all Auto.
+
+    The device array is the flat order reshaped to (data, fsdp, tensor), so every mesh over
+    the same devices shares one order. Auto axis types let ``with_sharding_constraint`` and
+    GSPMD propagation work the same on jax 0.10 (whose ``make_mesh`` defaults to Explicit
+    axes) and 0.11.
+    """
+    devices = list(device_order() if devices is None else devices)
     shape = resolve_mesh_shape(spec, len(devices))
     arr = np.asarray(devices, dtype=object).reshape([shape[a] for a in MESH_AXES])
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
