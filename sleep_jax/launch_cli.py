@@ -160,5 +160,38 @@ def main(argv: list[str]) -> int:
                   grace_s=args.grace_s)
 
 
+def devices_main(argv: list[str]) -> int:
+    """``sleep-jax devices``: join the other processes and print one JSON line per process
+    (process, processes, devices, local devices, how it joined, a sum over all devices and an
+    all-gather of each device's process id, both needing every process), to check a pod's
+    wiring with the same entry point as a run."""
+    import json
+
+    from sleep_jax.runtime import RuntimeConfig, initialize
+
+    ap = argparse.ArgumentParser(prog="sleep-jax devices", description=devices_main.__doc__)
+    ap.add_argument("--init_timeout_s", type=int, default=0)
+    args = ap.parse_args(argv)
+    plan = initialize(RuntimeConfig(init_timeout_s=args.init_timeout_s))
+    import jax
+    import numpy as np
+    from jax.sharding import PartitionSpec
+
+    from sleep_jax.mesh import make_mesh
+    from sleep_jax.runtime import global_batch, host_read
+
+    mesh = make_mesh("data=-1")
+    n = len(jax.local_devices())
+    ids = global_batch(np.full((n,), jax.process_index(), np.int32), mesh, PartitionSpec("data"),
+                       len(jax.devices()))
+    total = int(host_read(jax.jit(lambda x: x.sum())(ids)))
+    gathered = host_read(ids).tolist()  # spans the processes: an all-gather
+    print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                      "devices": len(jax.devices()), "local_devices": n, "kind": plan.kind,
+                      "platform": jax.devices()[0].platform, "sum_of_process_ids": total,
+                      "process_of_each_device": gathered}))
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

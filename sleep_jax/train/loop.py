@@ -248,20 +248,36 @@ def _host(v):
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+    """Turns SIGTERM into a flag the loop checks after each step (main thread only).
+
+    With many processes the processes must stop at one step: jax's preemption sync manager
+    (started by jax.distributed) takes the SIGTERM notice, spreads it to every process and
+    names the step where all of them save (``multihost_utils.reached_preemption_sync_point``);
+    no Python handler is installed then.
+    """
 
     def __init__(self, enabled: bool = True):
         self.requested = False
         self._enabled = enabled
+        self._multi = enabled and jax.process_count() > 1
         self._prev = None
 
     def __enter__(self):
-        if self._enabled and threading.current_thread() is threading.main_thread():
+        if self._enabled and not self._multi and \
+                threading.current_thread() is threading.main_thread():
             self._prev = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def check(self, step: int) -> bool:
+        """True when the run should save and stop after ``step`` (every process alike)."""
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         if self._prev is not None:
@@ -377,7 +393,7 @@ def run_loop(step: Callable, state, source, *, cfg: LoopConfig, rng=None,
                     t_win = now
                 else:
                     window += 1
-                preempt = pre.requested
+                preempt = pre.check(n)
                 last = n == cfg.steps
                 do_eval = eval_fn is not None and (every(cfg.eval_every) or last)
                 periodic = ckpt is not None and (every(cfg.checkpoint_every) or last)
