@@ -7,9 +7,10 @@ SLEEP_JAX_COORDINATOR (127.0.0.1 on a free port) and its rank in SLEEP_JAX_PROCE
 variable ``--rank-env`` names, e.g. TPU_WORKER_ID, SLURM_PROCID or JOB_COMPLETION_INDEX, to run
 a launch/ script's per-worker command the way its platform would). ``--devices-per-process K``
 sets JAX_NUM_CPU_DEVICES=K (fake CPU devices; it takes precedence over XLA_FLAGS'
---xla_force_host_platform_device_count). Output lines are prefixed with ``[rank]``. When a
-process fails, the others are stopped (SIGTERM, then SIGKILL after ``--grace-s``) and the
-launcher exits with the failed process's status, naming it.
+--xla_force_host_platform_device_count) and SLEEP_JAX_LOCAL_DEVICE_IDS to the rank's K devices
+(rank*K ... rank*K+K-1: on a GPU machine each process gets its own GPUs). Output lines are
+prefixed with ``[rank]``. When a process fails, the others are stopped (SIGTERM, then SIGKILL
+after ``--grace-s``) and the launcher exits with the failed process's status, naming it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ import sys
 import threading
 import time
 
-from sleep_jax.runtime import ENV_COORDINATOR, ENV_INIT_TIMEOUT, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from sleep_jax.runtime import (
+    ENV_COORDINATOR,
+    ENV_INIT_TIMEOUT,
+    ENV_LOCAL_DEVICE_IDS,
+    ENV_NUM_PROCESSES,
+    ENV_PROCESS_ID,
+)
 
 
 def free_port() -> int:
@@ -44,7 +51,9 @@ def process_env(rank: int, nproc: int, coordinator: str, *, devices_per_process:
     env[rank_env] = str(rank)
     env["PYTHONUNBUFFERED"] = "1"
     if devices_per_process:
-        env["JAX_NUM_CPU_DEVICES"] = str(devices_per_process)
+        k = devices_per_process
+        env["JAX_NUM_CPU_DEVICES"] = str(k)
+        env[ENV_LOCAL_DEVICE_IDS] = ",".join(str(rank * k + i) for i in range(k))
     if init_timeout_s:
         env[ENV_INIT_TIMEOUT] = str(init_timeout_s)
     return env

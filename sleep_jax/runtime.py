@@ -154,8 +154,9 @@ def resolve(cfg: RuntimeConfig | None = None, env: Mapping[str, str] | None = No
     if count == 1:
         return Plan("single", init_timeout_s=timeout)
     if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
-        return Plan("slurm", _int(env, "SLURM_NTASKS"), _int(env, "SLURM_PROCID"),
-                    local_device_ids=devices, init_timeout_s=timeout)
+        pid = _int(env, "SLURM_PROCID") if env.get("SLURM_PROCID") else None
+        return Plan("slurm", _int(env, "SLURM_NTASKS"), pid, local_device_ids=devices,
+                    init_timeout_s=timeout)
     hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
     hosts = [h for h in hosts.split(",") if h.strip()]
     if len(hosts) > 1:
@@ -180,9 +181,11 @@ def initialize(cfg: RuntimeConfig | None = None, env: Mapping[str, str] | None =
     # what is missing and exits with INIT_TIMEOUT_EXIT. The wait releases the GIL.
     kwargs = dict(initialization_timeout=plan.init_timeout_s + 30)
     if plan.kind == "explicit":
+        # everything is given: jax must not fill local devices from a cluster it detects
         kwargs.update(coordinator_address=plan.coordinator_address,
                       num_processes=plan.num_processes, process_id=plan.process_id,
-                      local_device_ids=list(plan.local_device_ids or ()) or None)
+                      local_device_ids=list(plan.local_device_ids or ()) or None,
+                      cluster_detection_method="deactivate")
     elif plan.local_device_ids:
         kwargs["local_device_ids"] = list(plan.local_device_ids)
     who = (f"process {plan.process_id} of {plan.num_processes}" if plan.num_processes

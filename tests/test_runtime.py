@@ -85,9 +85,10 @@ def test_launcher_environment_per_rank():
                       base={"SLEEP_JAX_PROCESS_ID": "0", "KEEP": "x"})
     assert env["TPU_WORKER_ID"] == "1" and "SLEEP_JAX_PROCESS_ID" not in env
     assert env["JAX_NUM_CPU_DEVICES"] == "4" and env["KEEP"] == "x"
+    assert env["SLEEP_JAX_LOCAL_DEVICE_IDS"] == "4,5,6,7"  # rank 1's devices
     plan = resolve(env=env)
-    assert (plan.num_processes, plan.process_id, plan.coordinator_address) == \
-        (2, 1, "127.0.0.1:9")
+    assert (plan.num_processes, plan.process_id, plan.coordinator_address,
+            plan.local_device_ids) == (2, 1, "127.0.0.1:9", (4, 5, 6, 7))
 
 
 # ------------------------------------------------------------------------------ one process
