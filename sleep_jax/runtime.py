@@ -153,7 +153,7 @@ def resolve(cfg: RuntimeConfig | None = None, env: Mapping[str, str] | None = No
         return Plan("explicit", count, pid, addr, devices, timeout)
     if count == 1:
         return Plan("single", init_timeout_s=timeout)
-    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_NTASKS") and _int(env, "SLURM_NTASKS") > 1:
         pid = _int(env, "SLURM_PROCID") if env.get("SLURM_PROCID") else None
         return Plan("slurm", _int(env, "SLURM_NTASKS"), pid, local_device_ids=devices,
                     init_timeout_s=timeout)
@@ -209,6 +209,9 @@ def initialize(cfg: RuntimeConfig | None = None, env: Mapping[str, str] | None =
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # the XLA client raises its own status types
+        if "before any JAX calls" in str(e):
+            raise RuntimeError(f"runtime.initialize must run before anything touches a device "
+                               f"(jax.devices(), an array, a jit): {e}") from e
         raise RuntimeError(f"{what} ({type(e).__name__}: {str(e).strip()[:300]})") from e
     finally:
         watchdog.cancel()

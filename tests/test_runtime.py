@@ -216,3 +216,13 @@ def test_a_process_that_never_starts_gives_a_clear_error_in_time(tmp_path):
     assert p.returncode == runtime.INIT_TIMEOUT_EXIT, p.stderr[-2000:]
     assert "process 0 of 2 could not join" in p.stderr and "within 3 s" in p.stderr
     assert "joined" not in p.stdout and took < 25, took
+
+
+def test_initialize_after_device_use_says_so(monkeypatch):
+    """In this process jax is already in use: joining others then is refused with the reason
+    (one process alone is a no-op, so nothing here starts a coordinator)."""
+    jax.devices()
+    assert runtime.initialize(RuntimeConfig(num_processes=1)).kind == "single"
+    with pytest.raises(RuntimeError, match="before anything touches a device"):
+        runtime.initialize(RuntimeConfig(num_processes=2, process_id=1,
+                                         coordinator_address="127.0.0.1:1", init_timeout_s=5))
