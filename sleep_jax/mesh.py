@@ -94,31 +94,18 @@ def resolve_mesh_shape(spec, n_devices: int) -> dict[str, int]:
     return shape
 
 
-_ORDER: dict[tuple, list] = {}
-
-
 def device_order() -> list:
     """All devices of all processes in the one order every default mesh reshapes.
 
-    On TPU the topology-aware order of ``mesh_utils.create_device_mesh`` for a flat mesh
-    (neighbours on the interconnect stay adjacent, so the inner axes of every reshape are
-    rings); elsewhere ``jax.devices()``. Computed once per process, so meshes of different
-    shapes share one order: a jit given arrays on two such meshes sees compatible devices.
+    Process-major: each process's devices form one contiguous block (in jax's id order), so the
+    leading mesh axes split across hosts, the inner axes stay within a host, and each process
+    holds contiguous rows of a batch. One order for every mesh shape: a jit given arrays on two
+    meshes of different shapes sees compatible devices (orders from mesh_utils per shape are
+    not). mesh_utils' flat topology order was measured and not used: on v5e:4x4 (4 hosts) it
+    snakes across hosts (processes 0,0,1,1,1,1,0,2,3,3,3,3,2,2,2,0; docs/LOG.md).
     """
     devices = jax.devices()
-    key = tuple(d.id for d in devices)
-    if key not in _ORDER:
-        order = list(devices)
-        if devices[0].platform == "tpu" and len(devices) > 1:
-            from jax.experimental import mesh_utils
-
-            try:
-                order = list(mesh_utils.create_device_mesh(
-                    (len(devices),), devices, allow_split_physical_axes=True).ravel())
-            except (ValueError, NotImplementedError, AssertionError) as e:
-                log.warning("no topology-aware device order (%s): using jax.devices()", e)
-        _ORDER[key] = order
-    return list(_ORDER[key])
+    return sorted(devices, key=lambda d: d.process_index)  # stable: id order within a process
 
 
 def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:

@@ -226,3 +226,21 @@ def test_initialize_after_device_use_says_so(monkeypatch):
     with pytest.raises(RuntimeError, match="before anything touches a device"):
         runtime.initialize(RuntimeConfig(num_processes=2, process_id=1,
                                          coordinator_address="127.0.0.1:1", init_timeout_s=5))
+
+
+def test_meshes_of_different_shapes_share_devices_in_one_jit():
+    """Arrays on data=2,fsdp=4 and on tensor=8 meet in one jit; with the devices of one mesh
+    in another order the same jit is refused (the failure one device order prevents)."""
+    from jax.sharding import NamedSharding
+
+    from sleep_jax.mesh import device_order, make_mesh
+
+    a_mesh, b_mesh = make_mesh("data=2,fsdp=4"), make_mesh("tensor=8")
+    x = jax.device_put(np.ones((8, 8), np.float32), NamedSharding(a_mesh, P("fsdp", None)))
+    y = jax.device_put(np.ones((8, 8), np.float32), NamedSharding(b_mesh, P(None, "tensor")))
+    f = jax.jit(lambda u, v: (u + v).sum())
+    assert float(f(x, y)) == 128.0
+    shuffled = make_mesh("tensor=8", devices=device_order()[::-1])
+    z = jax.device_put(np.ones((8, 8), np.float32), NamedSharding(shuffled, P(None, "tensor")))
+    with pytest.raises(ValueError, match="incompatible devices"):
+        f(x, z)
