@@ -13,7 +13,7 @@ set -euo pipefail
 
 NAME="" IMAGE="" WORKERS=4 ACCEL="tpu-v5-lite-podslice" TOPO="4x4" CHIPS=4 PORT=8476
 TIMEOUT=300 RESTARTS=0 DRY=0
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name) NAME="$2"; shift 2 ;;

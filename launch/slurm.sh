@@ -8,7 +8,7 @@
 # and the per-worker command (what srun runs on each node) instead of submitting.
 set -euo pipefail
 NODES=2 GPUS=8 PART="" TIME="" ACCOUNT="" DRY=0
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --nodes) NODES="$2"; shift 2 ;;

@@ -14,6 +14,8 @@
 #      SLEEP_JAX_NUM_PROCESSES=N and SLEEP_JAX_COORDINATOR=<worker 0's internal IP>:PORT
 #      (sleep_jax.runtime reads them), its output in DIR/worker-i.log; the script exits non-zero
 #      when any worker fails, naming it.
+# The workdir must be a directory every worker sees (a GCS FUSE mount, Filestore, NFS): orbax
+# writes each worker's checkpoint shards into it and process 0 the metrics.
 # --dry-run prints every command instead of running it (no gcloud call); the line
 # "worker-command: ..." is the per-worker command, with $TPU_WORKER_ID for the worker's id.
 set -euo pipefail

@@ -157,7 +157,10 @@ def main(argv: list[str]) -> int:
                          f"0: the runtime's default, 300)")
     ap.add_argument("--grace-s", type=float, default=5.0,
                     help="seconds between SIGTERM and SIGKILL when stopping the others")
+    ap.add_argument("command", nargs=argparse.REMAINDER,
+                    help="the command (after --, or after the options)")
     args = ap.parse_args(argv)
+    rest = rest or args.command
     if args.nproc < 1:
         ap.error(f"--nproc {args.nproc}: give a positive number of processes")
     if args.devices_per_process < 0:
