@@ -113,7 +113,7 @@ def test_rows_batches_and_host_read_on_one_process():
 # ------------------------------------------------------------------------------ processes
 
 TRAIN = ["--config", os.path.join(ROOT, "configs", "train.py:tiny"),
-         "--config.train.checkpoint_every=2", "--config.train.progress_bar=false",
+         "--config.train.checkpoint_every=0", "--config.train.progress_bar=false",
          "--config.train.async_checkpoints=false", "--config.train.seq_len=32",
          "--config.train.batch_size=4", "--config.model.layers=1",
          "--config.data.builtin_sentences=200",
@@ -144,8 +144,8 @@ def _losses(workdir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """1 process x 2 devices for 6 steps; 2 processes x 1 device for 4 steps (checkpoints at 2
-    and 4), then 1 process continuing that run to step 6."""
+    """1 process x 2 devices for 6 steps; 2 processes x 1 device for 4 steps (a checkpoint at
+    the end, step 4), then 1 process continuing that run to step 6."""
     tmp = tmp_path_factory.mktemp("runtime")
     env = _env(tmp / "cache")
     one, two = str(tmp / "one"), str(tmp / "two")
