@@ -10,7 +10,8 @@ sets JAX_NUM_CPU_DEVICES=K (fake CPU devices; it takes precedence over XLA_FLAGS
 --xla_force_host_platform_device_count) and SLEEP_JAX_LOCAL_DEVICE_IDS to the rank's K devices
 (rank*K ... rank*K+K-1: on a GPU machine each process gets its own GPUs). Output lines are
 prefixed with ``[rank]``. When a process fails, the others are stopped (SIGTERM, then SIGKILL
-after ``--grace-s``) and the launcher exits with the failed process's status, naming it.
+after ``--grace-s``) and the launcher exits with the failed process's status, naming it. A
+SIGTERM to the launcher is passed to every process (training saves a checkpoint and stops).
 """
 
 from __future__ import annotations
@@ -78,10 +79,35 @@ def launch(command: list[str], nproc: int, *, devices_per_process: int = 0,
            rank_env: str = ENV_PROCESS_ID, port: int = 0, init_timeout_s: int = 0,
            grace_s: float = 5.0) -> int:
     """Run ``command`` as ``nproc`` processes; 0 when all succeed, else the first failure's
-    status (1 for a death by signal), after stopping the others."""
+    status (1 for a death by signal), after stopping the others. A SIGTERM to the launcher is
+    passed to every process (a training run then saves a checkpoint at one step on all of
+    them and stops), and the launcher waits for them."""
     coordinator = f"127.0.0.1:{port or free_port()}"
     lock = threading.Lock()
     procs, pumps = [], []
+    forwarded = []
+
+    def on_term(signum, frame):  # a scheduler stops the launcher: every process saves, stops
+        if not forwarded:
+            forwarded.append(True)
+            print("sleep-jax launch: SIGTERM: passed to every process", file=sys.stderr)
+            for q in procs:
+                if q.poll() is None:
+                    _signal_group(q, signal.SIGTERM)
+
+    prev = None
+    if threading.current_thread() is threading.main_thread():
+        prev = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return _run(command, nproc, procs, pumps, lock, coordinator, devices_per_process,
+                    rank_env, init_timeout_s, grace_s)
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+
+
+def _run(command, nproc, procs, pumps, lock, coordinator, devices_per_process, rank_env,
+         init_timeout_s, grace_s) -> int:
     for rank in range(nproc):
         env = process_env(rank, nproc, coordinator, devices_per_process=devices_per_process,
                           rank_env=rank_env, init_timeout_s=init_timeout_s)

@@ -244,3 +244,26 @@ def test_meshes_of_different_shapes_share_devices_in_one_jit():
     z = jax.device_put(np.ones((8, 8), np.float32), NamedSharding(shuffled, P(None, "tensor")))
     with pytest.raises(ValueError, match="incompatible devices"):
         f(x, z)
+
+
+def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
+    code = ("import os, signal, sys, time\n"
+            "r = os.environ['SLEEP_JAX_PROCESS_ID']\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (print('rank', r, 'got TERM', flush=True),"
+            " sys.exit(0)))\n"
+            "print('rank', r, 'up', flush=True)\n"
+            "time.sleep(30); sys.exit(9)\n")
+    p = subprocess.Popen([PY, "-m", "sleep_jax.cli", "launch", "--nproc", "2", "--", PY, "-c",
+                          code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT, env=_env(tmp_path))
+    seen = []
+    while len([s for s in seen if " up" in s]) < 2:
+        line = p.stdout.readline()
+        assert line, "".join(seen) + p.stderr.read()
+        seen.append(line)
+    t0 = time.perf_counter()
+    p.terminate()
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "[0] rank 0 got TERM" in out and "[1] rank 1 got TERM" in out
+    assert "SIGTERM: passed to every process" in err and time.perf_counter() - t0 < 15
