@@ -18,6 +18,8 @@ COMMANDS = {
     "export": ("sleep_jax.models.cli", "export_main", "export a checkpoint to HF safetensors"),
     "generate": ("sleep_jax.models.cli", "generate_main", "sample a completion"),
     "score": ("sleep_jax.models.cli", "score_main", "log-probs of a completion (JSON)"),
+    "launch": ("sleep_jax.launch_cli", "main", "run a command as N local processes"),
+    "devices": ("sleep_jax.launch_cli", "devices_main", "join the processes, print the devices"),
 }
 
 

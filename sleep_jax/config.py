@@ -165,6 +165,27 @@ class Flag:
     required: bool = False
 
 
+# Per-process flags of every command that runs on many processes (sleep_jax.runtime): they
+# differ between processes, so they are flags, not part of the run's config.json.
+RUNTIME_FLAGS = (
+    Flag("distributed", str, "auto", help="auto (from the environment) | none | jax "
+         "(jax.distributed.initialize() without arguments, e.g. Cloud TPU VM pods)"),
+    Flag("coordinator_address", str, "", help="host:port of process 0 (many processes)"),
+    Flag("num_processes", int, 0, help="process count (0: from the environment)"),
+    Flag("process_id", int, -1, help="this process's id (-1: from the environment)"),
+    Flag("local_device_ids", str, "", help="this process's local devices, e.g. 0,1"),
+    Flag("init_timeout_s", int, 0, help="seconds to wait for every process to connect "
+         "(0: SLEEP_JAX_INIT_TIMEOUT, else 300)"),
+)
+
+
+def runtime_config(args: dict):
+    """The ``sleep_jax.runtime.RuntimeConfig`` of parsed ``RUNTIME_FLAGS`` values."""
+    from sleep_jax.runtime import RuntimeConfig
+
+    return RuntimeConfig(**{f.name: args[f.name] for f in RUNTIME_FLAGS})
+
+
 def default_config_path(name: str) -> str:
     """``configs/<name>`` of this source tree (next to the package), else of the working dir."""
     file, _, arg = name.partition(":")

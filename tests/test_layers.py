@@ -1,10 +1,10 @@
 """The import layers the README draws: no module imports a higher layer.
 
-    0 data/ models/ mesh checkpoint atomic eval/qa,matrix,report,select,cycle_report (foundation)
+    0 data/ models/ mesh checkpoint atomic runtime eval/qa,matrix,report,select,cycle_report
     1 sampling train/ eval/probes                                  (forward passes, updates)
     2 grow/ distill/ rl/ dream/                                    (the method's parts)
     3 sleep                                                        (the sleep pipeline)
-    4 config cli demo demo_run */cli.py                            (commands)
+    4 config cli demo demo_run launch_cli */cli.py                 (commands)
 
 A new module must be placed here; distill/ never imports the concrete decoder (it reads the
 model protocol's capabilities instead).
@@ -19,12 +19,14 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 LAYERS = {
     0: ("sleep_jax", "sleep_jax.atomic", "sleep_jax.mesh", "sleep_jax.checkpoint",
-        "sleep_jax.data", "sleep_jax.models", "sleep_jax.eval", "sleep_jax.eval.qa",
-        "sleep_jax.eval.matrix", "sleep_jax.eval.report", "sleep_jax.eval.cycle_report"),
+        "sleep_jax.runtime", "sleep_jax.data", "sleep_jax.models", "sleep_jax.eval",
+        "sleep_jax.eval.qa", "sleep_jax.eval.matrix", "sleep_jax.eval.report",
+        "sleep_jax.eval.cycle_report"),
     1: ("sleep_jax.sampling", "sleep_jax.train", "sleep_jax.eval.probes"),
     2: ("sleep_jax.grow", "sleep_jax.distill", "sleep_jax.rl", "sleep_jax.dream"),
     3: ("sleep_jax.sleep",),
-    4: ("sleep_jax.config", "sleep_jax.cli", "sleep_jax.demo", "sleep_jax.demo_run"),
+    4: ("sleep_jax.config", "sleep_jax.cli", "sleep_jax.demo", "sleep_jax.demo_run",
+        "sleep_jax.launch_cli"),
 }
 
 

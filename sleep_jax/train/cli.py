@@ -8,6 +8,12 @@ Data: ``builtin`` (generated sentences, so the command runs with defaults), ``js
 dataset's directory, or ``data.tfds_name`` a name under the data_dir ``data.path``). The run
 folder gets config.json, tokenizer.json, metrics.jsonl, tb/, train/ (checkpoints) and, at the
 end, model/ (the checkpoint directory format of sleep_jax.models.checkpoint_dir).
+
+Many processes (``sleep-jax launch --nproc 2 -- sleep-jax train ...``, or a pod): the mesh
+spans every process's devices, each process feeds its rows of each global batch, process 0
+writes the files, all save the checkpoints; the runtime flags (``--distributed``,
+``--coordinator_address``, ``--num_processes``, ``--process_id``, ``--init_timeout_s``) override
+the environment (sleep_jax.runtime).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from sleep_jax.config import (
+    RUNTIME_FLAGS,
     ConfigError,
     Flag,
     check_run_config,
@@ -27,6 +34,7 @@ from sleep_jax.config import (
     model_config,
     parse_command,
     rules_from_section,
+    runtime_config,
     write_run_config,
 )
 
@@ -110,8 +118,9 @@ def load_examples(dcfg, seed: int) -> Sequence[str]:
     raise ConfigError(f"data.source={dcfg.source!r}; allowed: builtin, jsonl, tfds")
 
 
-def make_tokenizer(dcfg, examples: Sequence[str], workdir: str):
-    """The run's tokenizer: reloaded from workdir/tokenizer.json on resume, else built."""
+def make_tokenizer(dcfg, examples: Sequence[str], workdir: str, save: bool = True):
+    """The run's tokenizer: reloaded from workdir/tokenizer.json on resume, else built (and
+    saved there when ``save``: process 0; the others build the same one)."""
     from sleep_jax.data.tokenizers import (
         byte_level_tokenizer,
         load_tokenizer,
@@ -128,7 +137,8 @@ def make_tokenizer(dcfg, examples: Sequence[str], workdir: str):
         tok = word_level_tokenizer(examples[i] for i in range(len(examples)))
     else:
         raise ConfigError(f"data.tokenizer={dcfg.tokenizer!r}; allowed: byte, word")
-    save_tokenizer(tok, path)
+    if save:
+        save_tokenizer(tok, path)
     return tok
 
 
@@ -137,7 +147,7 @@ def make_tokenizer(dcfg, examples: Sequence[str], workdir: str):
 
 FLAGS = (Flag("workdir", help="run folder (resumes when it has a run)", required=True),
          Flag("allow_config_change", bool, False,
-              help="resume even though the saved config.json differs"))
+              help="resume even though the saved config.json differs"), *RUNTIME_FLAGS)
 
 
 def run(argv: list[str]) -> int:
@@ -157,11 +167,17 @@ def run(argv: list[str]) -> int:
     check_run_config(workdir, config, args["allow_config_change"])
     examples = load_examples(dcfg, tcfg.seed)  # fail on a missing file before writing anything
 
+    from sleep_jax import runtime
+
+    try:
+        runtime.initialize(runtime_config(args))  # many processes: before any device use
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     import jax
     from flax import nnx
 
     from sleep_jax.data.pipeline import make_dataset, make_iterator
-    from sleep_jax.mesh import make_mesh
+    from sleep_jax.mesh import batch_sharding, make_mesh
     from sleep_jax.models import Decoder
     from sleep_jax.train.optim import make_optimizer
     from sleep_jax.train.state import create_sharded_train_state
@@ -177,8 +193,10 @@ def run(argv: list[str]) -> int:
                           f"micro_batches x data x fsdp = {tcfg.micro_batches} x {shards}")
     if dcfg.tokenizer not in ("byte", "word"):
         raise ConfigError(f"data.tokenizer={dcfg.tokenizer!r}; allowed: byte, word")
-    write_run_config(workdir, config, args["allow_config_change"])
-    tok = make_tokenizer(dcfg, examples, workdir)
+    writer = runtime.is_writer()
+    if writer:
+        write_run_config(workdir, config, args["allow_config_change"])
+    tok = make_tokenizer(dcfg, examples, workdir, save=writer)
     vocab = tok.get_vocab_size()
     if vocab > mcfg.vocab:
         new = -(-vocab // 64) * 64
@@ -187,28 +205,35 @@ def run(argv: list[str]) -> int:
         mcfg = mcfg.replace(vocab=new)
     n_eval = int(len(examples) * dcfg.eval_fraction) if tcfg.eval_every else 0
     train_src = _Slice(examples, 0, len(examples) - n_eval) if n_eval else examples
+    # Every process runs the same global pipeline (shard (0, 1)) and feeds its rows of each
+    # global batch (runtime.ShardedBatches): the batches, and so the run, do not depend on the
+    # process count, and a checkpoint resumes on any count.
+    data_sh = batch_sharding(mesh, 2, rules=rules)
     ds = make_dataset(train_src, tok, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
-                      seed=tcfg.seed, pack=dcfg.pack)
+                      seed=tcfg.seed, pack=dcfg.pack, shard=(0, 1))
     eval_batches = None
     if n_eval:
         eds = make_dataset(_Slice(examples, len(examples) - n_eval, len(examples)), tok,
                            seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed,
-                           pack=dcfg.pack, shuffle=False)
+                           pack=dcfg.pack, shuffle=False, shard=(0, 1))
         it = make_iterator(eds)
-        eval_batches = [next(it) for _ in range(tcfg.eval_batches)]
+        eval_batches = [runtime.shard_batch(next(it), mesh, data_sh)
+                        for _ in range(tcfg.eval_batches)]
 
     tx = make_optimizer(ocfg, tcfg.steps)
     state = create_sharded_train_state(lambda: Decoder(mcfg, rngs=nnx.Rngs(tcfg.seed)), tx, mesh,
                                        rules)
     log.info("model %s: %d parameters on mesh %s", config.model.preset,
              sum(x.size for x in jax.tree.leaves(state.params)), dict(mesh.shape))
-    result = fit(state, make_iterator(ds), train_cfg=tcfg, optim_cfg=ocfg, mesh=mesh,
+    batches = runtime.ShardedBatches(make_iterator(ds), mesh, data_sh)
+    result = fit(state, batches, train_cfg=tcfg, optim_cfg=ocfg, mesh=mesh,
                  workdir=workdir, eval_batches=eval_batches, rules=rules)
     print(result.message, file=sys.stderr if result.status == "nonfinite" else sys.stdout)
     if result.status == "done":
-        _export(workdir, result.state, tok)
-        print(f"outputs in {workdir}: model/, metrics.jsonl, tb/, train/ (checkpoints)")
-    if result.history:
+        _export(workdir, result.state, tok)  # every process: each writes its shards
+        if writer:
+            print(f"outputs in {workdir}: model/, metrics.jsonl, tb/, train/ (checkpoints)")
+    if result.history and writer:
         print(f"final loss {result.history[-1]['loss']:.4f} at step {result.step}")
     return 1 if result.status == "nonfinite" else 0
 

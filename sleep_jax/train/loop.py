@@ -9,14 +9,16 @@ and the first step's compile time, an eval callback, and with a ``workdir``
   train/          orbax checkpoints (``sleep_jax.checkpoint``): state, RNG key, the batch
                   source's position (a grain iterator as grain's own item, any other source's
                   ``get_state()`` as JSON in ``meta``), the skip counters.
-Re-running with the same workdir resumes from the newest checkpoint and reproduces the
-uninterrupted run exactly: per-step keys are ``jax.random.fold_in(rng, step)`` (step counted
-from 0), the source continues where it stood. SIGTERM saves a checkpoint and returns cleanly.
+With many processes, process 0 alone writes metrics.jsonl and tb/ and shows the bar; every
+process saves the checkpoints (orbax writes each process's shards). Re-running with the same
+workdir resumes from the newest checkpoint and reproduces the uninterrupted run exactly:
+per-step keys are ``jax.random.fold_in(rng, step)`` (step counted from 0), the source
+continues where it stood. SIGTERM saves a checkpoint and returns cleanly.
 
 Device reads happen only at read points: log steps (every ``log_every``), eval steps,
 checkpoint steps, the last step and a SIGTERM. Between them metrics stay on the device; at a
 read point the pending steps' ``skipped`` flags and the current step's metrics come to the host
-in one ``jax.device_get``. The first step is waited for (not read) to time the compilation.
+in one ``runtime.host_read``. The first step is waited for (not read) to time the compilation.
 Step times between read points are the window's wall time spread evenly over its steps.
 
 A step that guards against non-finite values reports ``metrics["skipped"]`` (> 0: its update was
@@ -246,20 +248,36 @@ def _host(v):
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+    """Turns SIGTERM into a flag the loop checks after each step (main thread only).
+
+    With many processes the processes must stop at one step: jax's preemption sync manager
+    (started by jax.distributed) takes the SIGTERM notice, spreads it to every process and
+    names the step where all of them save (``multihost_utils.reached_preemption_sync_point``);
+    no Python handler is installed then.
+    """
 
     def __init__(self, enabled: bool = True):
         self.requested = False
         self._enabled = enabled
+        self._multi = enabled and jax.process_count() > 1
         self._prev = None
 
     def __enter__(self):
-        if self._enabled and threading.current_thread() is threading.main_thread():
+        if self._enabled and not self._multi and \
+                threading.current_thread() is threading.main_thread():
             self._prev = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def check(self, step: int) -> bool:
+        """True when the run should save and stop after ``step`` (every process alike)."""
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def __exit__(self, *exc):
         if self._prev is not None:
@@ -308,6 +326,7 @@ def run_loop(step: Callable, state, source, *, cfg: LoopConfig, rng=None,
       LoopResult(state, step, status, message, history, times).
     """
     from sleep_jax.checkpoint import Checkpointer
+    from sleep_jax.runtime import host_read, is_writer
 
     source = as_source(source)
     if rng is None:
@@ -340,13 +359,14 @@ def run_loop(step: Callable, state, source, *, cfg: LoopConfig, rng=None,
                                 "keep its position: batches continue from wherever it stands",
                                 desc, n, type(getattr(source, "it", source)).__name__)
             log.info("%s: resumed from %s at step %d", desc, ckpt.directory, n)
-        writer = MetricsWriter(workdir, n, cfg.tensorboard)
+        if is_writer():  # one process writes the files; all of them save checkpoints
+            writer = MetricsWriter(workdir, n, cfg.tensorboard)
     start = n
     history: list[dict] = []
     times: list[float] = []
     status, message = "done", ""
     bar = None
-    if cfg.progress_bar:
+    if cfg.progress_bar and is_writer():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=n, desc=desc, dynamic_ncols=True, mininterval=1,
@@ -373,7 +393,7 @@ def run_loop(step: Callable, state, source, *, cfg: LoopConfig, rng=None,
                     t_win = now
                 else:
                     window += 1
-                preempt = pre.requested
+                preempt = pre.check(n)
                 last = n == cfg.steps
                 do_eval = eval_fn is not None and (every(cfg.eval_every) or last)
                 periodic = ckpt is not None and (every(cfg.checkpoint_every) or last)
@@ -381,7 +401,7 @@ def run_loop(step: Callable, state, source, *, cfg: LoopConfig, rng=None,
                 if not (do_record or periodic or preempt):
                     continue
                 # ---- read point: one transfer for the pending flags and this step's metrics
-                host = jax.device_get({"skips": pending_skips, "m": m})
+                host = host_read({"skips": pending_skips, "m": m})
                 pending_skips = []
                 now = time.perf_counter()
                 if window:
@@ -452,6 +472,9 @@ def run_loop(step: Callable, state, source, *, cfg: LoopConfig, rng=None,
                       f"{times[0]:.2f} s, {1e3 * typical_step_s(times):.1f} ms/step")
         if workdir is None:
             where = "nothing written (no workdir)"
+        elif writer is None:
+            where = f"checkpoints {ckpt.directory} (newest step {last_saved}); process 0 " \
+                    f"writes the metrics"
         else:
             where = (f"metrics {writer.path}"
                      + (f", TensorBoard {writer.tb_dir}" if writer.tb_dir else "")

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from sleep_jax.mesh import RULES
+from sleep_jax.runtime import host_read
 from sleep_jax.train.loop import (  # noqa: F401  (read_metrics, truncate_metrics: re-exported)
     IteratorSource,
     LoopConfig,
@@ -72,7 +73,7 @@ def evaluate(eval_step, state: TrainState, batches: Sequence[dict]) -> float:
     """Mean loss over all loss tokens of ``batches`` (sum of sums / sum of counts)."""
     total, count = 0.0, 0.0
     for b in batches:
-        s, c = eval_step(state, b)
+        s, c = host_read(eval_step(state, b))
         total += float(s)
         count += float(c)
     return total / max(count, 1.0)
