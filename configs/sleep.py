@@ -8,7 +8,10 @@ Sections (each the frozen dataclass beside the code that uses it):
   replay   sleep_jax.sleep.ReplayConfig: share of each batch and source of the replay rows
   seeding  sleep_jax.distill.seeding.SeedingConfig: divergence, lambda, alpha, completion length
            M, Learning-to-Imitate options (its GRPO settings derive from these)
-The sleep runs on one device for now (multi-device sleeps: issue H, the runtime layer).
+  mesh     the student's mesh (e.g. "fsdp=-1", "data=2,fsdp=-1", "fsdp=2,tensor=4"; default
+           all devices): the model is grown straight onto it
+  teacher_mesh  the teacher's layout over the same devices ("" = the student's mesh)
+One process for now (many processes: sleep_jax.runtime wires `train` so far).
 Presets: the default, and ``quick`` (20 steps, a smoke run).
 """
 
@@ -34,4 +37,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sleep = section(SleepConfig, **p["sleep"])
     config.replay = section(ReplayConfig)
     config.seeding = section(SeedingConfig, **p["seeding"])
+    config.mesh = "fsdp=-1"
+    config.teacher_mesh = ""
     return config

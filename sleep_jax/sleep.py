@@ -417,9 +417,9 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
           prompts: Mapping[str, Sequence[str]] | None = None,
           replay_prompts: Sequence[str] | None = None, replay_texts: Sequence | None = None,
           earlier: Sequence[dict] = (),
-          probe_questions: Sequence[str] = (), mesh=None, workdir: str | None = None,
-          eval_fn: Callable | None = None, log_fn: Callable | None = None,
-          desc: str = "sleep") -> SleepResult:
+          probe_questions: Sequence[str] = (), mesh=None, teacher_mesh=None,
+          workdir: str | None = None, eval_fn: Callable | None = None,
+          log_fn: Callable | None = None, desc: str = "sleep") -> SleepResult:
     """One sleep of ``base`` on ``memories`` (module docstring, steps 1-3).
 
     Args:
@@ -430,7 +430,11 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
       cfg, seeding_cfg, replay: the configs (``seeding_cfg`` None with objective "sft").
       prompts, replay_prompts, earlier, probe_questions: see ``seeding_rows``.
       replay_texts: wake training examples replayed by the SFT objective (``sft_batches``).
-      mesh: default one device.
+      mesh: the student's mesh (growth writes the grown model straight onto it); default one
+        device.
+      teacher_mesh: the teacher's layout, a mesh over the same devices as ``mesh`` (default:
+        ``mesh``); the teacher's weights are placed on it by their logical names (a copy:
+        ``base`` is not moved).
       workdir: run folder: metrics.jsonl and checkpoints (train/); re-running resumes.
       eval_fn: ``eval_fn(model, step) -> {name: float}`` (or a float, named "eval") for the
         curve: at step 0, every cfg.eval_every and at the end; recorded in the metrics as
@@ -443,12 +447,18 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
     from flax import nnx
 
     from sleep_jax.mesh import make_mesh
+    from sleep_jax.models.sharding import shard_model
     from sleep_jax.train.adapters import create_adapter_state
     from sleep_jax.train.loop import LoopConfig, RngSource, read_metrics, run_loop
     from sleep_jax.train.optim import make_optimizer
     from sleep_jax.train.state import create_train_state, fresh_copy
 
     mesh = mesh or make_mesh("fsdp=1", devices=jax.devices()[:1])
+    teacher_mesh = teacher_mesh or mesh
+    if set(teacher_mesh.devices.flat) != set(mesh.devices.flat):
+        raise ValueError(f"teacher_mesh {dict(teacher_mesh.shape)} and mesh "
+                         f"{dict(mesh.shape)} must span the same devices (teacher and student "
+                         "take turns on one set of devices)")
     pad = tokens.get("pad_id") or 0
     bos = tokens.get("bos_id")
     bos = pad if bos is None else bos
@@ -458,7 +468,10 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
     if cfg.objective == "seeding" and seeding_cfg is None:
         raise ValueError("objective 'seeding' needs a SeedingConfig")
 
-    student, slot, _ = prepare_student(base, cfg, jax.random.fold_in(key, 99), mesh=mesh)
+    # the teacher on its layout (a copy: ``base`` is not moved); growth reads it there and
+    # writes the student onto ``mesh``
+    teacher = shard_model(fresh_copy(base), teacher_mesh)
+    student, slot, _ = prepare_student(teacher, cfg, jax.random.fold_in(key, 99), mesh=mesh)
     tx = make_optimizer(cfg.optimizer(), cfg.steps)
     if slot is None:
         state = create_train_state(fresh_copy(student), tx)
@@ -476,7 +489,7 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
     else:
         replay_ids = None
         if replay.fraction > 0 and replay.source == "samples":
-            replay_ids = sample_replay_prompts(base, replay=replay, bos_id=bos, eos_id=eos,
+            replay_ids = sample_replay_prompts(teacher, replay=replay, bos_id=bos, eos_id=eos,
                                                pad_id=pad, rng=jax.random.fold_in(key, 98))
         rows = seeding_rows(tokenizer, memories, cfg=cfg, replay=replay, prompts=prompts,
                             replay_prompts=replay_prompts, replay_ids=replay_ids,
@@ -485,7 +498,7 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
         source = RngSource(batch_fn(rows, batch_size=cfg.batch_size, fraction=replay.fraction,
                                     bos_id=bos, pad_id=pad), np_rng)
         sstep = seeding.make_seeding_step(seeding_cfg, state, mesh, eos_id=eos, pad_id=pad)
-        tg, ts = nnx.split(base)
+        tg, ts = nnx.split(teacher)
         imitate = None
         if seeding_cfg.alpha < 1:
             from sleep_jax.distill.imitation import make_imitation
@@ -559,7 +572,8 @@ def evaluate_probes(model, base, tokenizer, memories, probes, *, tokens: Mapping
 
 def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, probes, *,
                      workdir: str, cfg: SleepConfig, seeding_cfg: seeding.SeedingConfig,
-                     replay: ReplayConfig, log_fn: Callable | None = None) -> dict:
+                     replay: ReplayConfig, log_fn: Callable | None = None, mesh=None,
+                     teacher_mesh=None) -> dict:
     """A sleep on a checkpoint directory's model (``sleep-jax sleep``); writes into ``workdir``:
     model/ (the grown checkpoint with ``PROMPTS_FILE``: every sleep's seeding prompts),
     report.json, report.md, metrics.jsonl and train/ (checkpoints; re-running resumes).
@@ -575,7 +589,8 @@ def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, 
     questions = [pr.question for pr in probes]
     res = sleep(base, tokenizer, memories, tokens=tokens, cfg=cfg, seeding_cfg=seeding_cfg,
                 replay=replay, earlier=earlier, probe_questions=questions,
-                workdir=workdir, log_fn=log_fn, desc="sleep: seeding")
+                mesh=mesh, teacher_mesh=teacher_mesh, workdir=workdir, log_fn=log_fn,
+                desc="sleep: seeding")
     scores = evaluate_probes(res.model, base, tokenizer, memories, probes, tokens=tokens,
                              cfg=cfg)
     configs = configs_to_dict(cfg, seeding_cfg, replay)

@@ -172,6 +172,10 @@ def test_sleep_cli_checks_every_option_before_work(tmp_path, capsys):
     assert "unknown config key in --config.replay.fractoin" in capsys.readouterr().err
     assert sleep_main(base + ["--config.sleep.optim.lr=abc"]) == 2
     assert "sleep.optim.lr=abc" in capsys.readouterr().err
+    assert sleep_main(base + ["--config.mesh=data=3"]) == 2  # 8 devices: not a divisor
+    assert "config.mesh='data=3'" in capsys.readouterr().err
+    assert sleep_main(base + ["--config.teacher_mesh=fsdp=2,tensr=4"]) == 2
+    assert "config.teacher_mesh='fsdp=2,tensr=4'" in capsys.readouterr().err
     assert sleep_main(base) == 2  # the memories file does not exist
     assert "m.jsonl" in capsys.readouterr().err
     assert not w.exists()  # nothing written for a run that did not start

@@ -60,12 +60,28 @@ def parse(argv: list[str]):
     sleep_cfg = from_section(SleepConfig, config.sleep, "sleep")
     seeding_cfg = from_section(seeding.SeedingConfig, config.seeding, "seeding")
     replay_cfg = from_section(ReplayConfig, config.replay, "replay")
+    meshes(config)  # a mesh that does not fit the devices is refused before any work
     try:
         sleep_cfg.prompt_format.format(question="q")
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"sleep.prompt_format={sleep_cfg.prompt_format!r}: {e!r}; the only "
                           "field is {question}, e.g. 'question: {question} answer:'") from None
     return config, args, sleep_cfg, seeding_cfg, replay_cfg
+
+
+def meshes(config):
+    """(student mesh, teacher mesh or None) from config.mesh / config.teacher_mesh (""
+    = the student's), both over all devices in one order (``mesh.make_mesh``)."""
+    from sleep_jax.mesh import make_mesh
+
+    out = []
+    for key in ("mesh", "teacher_mesh"):
+        spec = config.get(key, "")
+        try:
+            out.append(make_mesh(spec) if spec else None)
+        except ValueError as e:
+            raise ConfigError(f"config.{key}={spec!r}: {e}") from None
+    return out[0] or make_mesh("fsdp=-1"), out[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             list(sys.argv[1:] if argv is None else argv))
         if config is None:
             return 0  # --help
+        mesh, teacher_mesh = meshes(config)
         check_run_config(a["workdir"], config, a["allow_config_change"])
         memories = read_memories(a["memories"])
         probes = read_probes(a["probes"], memory_ids={m.id for m in memories})
@@ -98,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     write_run_config(a["workdir"], config, a["allow_config_change"])
     report = run_sleep(a["checkpoint"], base, tok, meta, memories, probes, seeding_cfg,
-                       workdir=a["workdir"], sleep_cfg=sleep_cfg, replay_cfg=replay_cfg)
+                       workdir=a["workdir"], sleep_cfg=sleep_cfg, replay_cfg=replay_cfg,
+                       mesh=mesh, teacher_mesh=teacher_mesh)
     print(json.dumps({k: report[k] for k in ("before", "after", "open_book")}, indent=2))
     print(f"outputs in {a['workdir']}: report.json, report.md, metrics.jsonl, model/ (the "
           f"grown checkpoint; sleep on it again with --checkpoint {a['workdir']}/model)")
@@ -106,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_sleep(checkpoint, base, tok, meta, memories, probes, seeding_cfg=None, *,
-              workdir: str, sleep_cfg=None, replay_cfg=None) -> dict:
+              workdir: str, sleep_cfg=None, replay_cfg=None, mesh=None,
+              teacher_mesh=None) -> dict:
     """The sleep behind the CLI: ``sleep_jax.sleep.sleep_checkpoint`` (see module docstring)."""
     from sleep_jax.sleep import ReplayConfig, SleepConfig, sleep_checkpoint
 
     return sleep_checkpoint(checkpoint, base, tok, meta, memories, probes, workdir=workdir,
                             cfg=sleep_cfg or SleepConfig(),
                             seeding_cfg=seeding_cfg or seeding.SeedingConfig(),
-                            replay=replay_cfg or ReplayConfig())
+                            replay=replay_cfg or ReplayConfig(), mesh=mesh,
+                            teacher_mesh=teacher_mesh)
