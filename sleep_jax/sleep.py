@@ -80,6 +80,9 @@ class ReplayConfig:
             raise ValueError(f"ReplayConfig.source={self.source!r}; allowed: {REPLAY_SOURCES}")
 
 
+WHEN_FULL = ("error", "grow")
+
+
 @dataclasses.dataclass(frozen=True)
 class SleepConfig:
     """One sleep's student, optimizer, prompts and budget (the demo's settings by default).
@@ -87,6 +90,10 @@ class SleepConfig:
     expert: seed into the next free expert slot (only it trains); False: full fine-tune.
     slots / rank / router: growth of a model without slots (E pre-allocated slots of rank R,
       optionally with a learned per-token gate); a model with slots keeps its own.
+    when_full: what a sleep does when every slot of the model is used: "error" (refuse:
+      ``grow.SlotsExhausted``, the default) or "grow" (grow E -> E + ``slots`` more slots,
+      appended off, which is function preserving, then train the first new one). Never an
+      overwrite of a trained slot.
     optim: the expert's optimizer (AdamW + warmup + cosine + clipping); full_optim: the full
       fine-tune's.
     prompts: "given" (the caller's prompts per memory) or "memory" (cut from the memory text,
@@ -108,6 +115,7 @@ class SleepConfig:
     slots: int = 4
     rank: int = 32
     router: bool = False
+    when_full: str = "error"
     slot_std: float = 0.02
     optim: OptimConfig = OptimConfig(lr=2e-2, warmup_steps=10, weight_decay=0.0)
     full_optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=10, weight_decay=0.0)
@@ -130,6 +138,8 @@ class SleepConfig:
             raise ValueError(f"SleepConfig.prompts={self.prompts!r}; allowed: {PROMPT_SOURCES}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"SleepConfig.objective={self.objective!r}; allowed: {OBJECTIVES}")
+        if self.when_full not in WHEN_FULL:
+            raise ValueError(f"SleepConfig.when_full={self.when_full!r}; allowed: {WHEN_FULL}")
         for name in ("steps", "batch_size", "slots", "rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SleepConfig.{name}={getattr(self, name)} must be >= 1")
@@ -290,11 +300,13 @@ def prepare_student(base, cfg: SleepConfig, rng, *, mesh):
     """(student model, slot or None, its config): the grown, activated copy of ``base``.
 
     Grows 0 -> ``cfg.slots`` slots only when ``base`` has none, then activates the next free
-    slot (``SlotsExhausted`` when every slot is used). ``rng`` is split into the growth key and
-    the new slot's A key. ``expert=False``: ``base`` itself (full fine-tune), slot None.
+    slot. When every slot is used: ``SlotsExhausted`` (``cfg.when_full="error"``) or growth to
+    ``cfg.slots`` more slots ("grow"; the new ones are off, so the model's function is kept).
+    ``rng`` is split into the growth key and the new slot's A key. ``expert=False``: ``base``
+    itself (full fine-tune), slot None.
     """
     from sleep_jax.grow import activate_slot, grow_model
-    from sleep_jax.grow.experts import next_free_slot
+    from sleep_jax.grow.experts import SlotsExhausted, next_free_slot
 
     mcfg = base.config
     if not cfg.expert:
@@ -309,6 +321,13 @@ def prepare_student(base, cfg: SleepConfig, rng, *, mesh):
             raise ValueError("SleepConfig.router=True but the model's expert slots have no "
                              "router (a router is added with the first slots, by growth)")
         model, dst = base, mcfg
+        try:
+            next_free_slot(model)
+        except SlotsExhausted:
+            if cfg.when_full != "grow":
+                raise
+            dst = mcfg.replace(expert_slots=mcfg.expert_slots + cfg.slots)
+            model, _ = grow_model(base, mcfg, dst, mesh=mesh, rng=k1)
     slot = next_free_slot(model)
     model, _ = activate_slot(model, None, slot, k2, std=cfg.slot_std)
     return model, slot, dst
