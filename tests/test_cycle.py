@@ -63,3 +63,20 @@ def test_killed_cycles_resume_to_the_same_figures(tmp_path):
     done = _run(w, cache)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == ref
+
+
+def test_cycle_cli_checks_options_and_files_before_work(tmp_path, capsys):
+    from sleep_jax.cycle_cli import main
+
+    w = tmp_path / "run"
+    base = ["--checkpoint", str(tmp_path / "nope"), "--memories", str(tmp_path / "m.jsonl"),
+            "--probes", str(tmp_path / "p.jsonl"), "--workdir", str(w)]
+    assert main(base + ["--config.cycle.sleep_every=0"]) == 2
+    assert "sleep_every=0 must be an integer >= 1" in capsys.readouterr().err
+    assert main(base + ["--config.sleep.when_full=overwrite"]) == 2
+    assert "when_full='overwrite'" in capsys.readouterr().err
+    assert main(base + ["--config.mesh=data=3"]) == 2
+    assert "config.mesh='data=3'" in capsys.readouterr().err
+    assert main(base) == 2  # the memories file does not exist
+    assert "m.jsonl" in capsys.readouterr().err
+    assert not w.exists()

@@ -26,7 +26,7 @@ LAYERS = {
     2: ("sleep_jax.grow", "sleep_jax.distill", "sleep_jax.rl", "sleep_jax.dream"),
     3: ("sleep_jax.sleep", "sleep_jax.cycle"),
     4: ("sleep_jax.config", "sleep_jax.cli", "sleep_jax.demo", "sleep_jax.demo_run",
-        "sleep_jax.launch_cli"),
+        "sleep_jax.launch_cli", "sleep_jax.cycle_cli"),
 }
 
 
