@@ -1,12 +1,12 @@
 """A wake/sleep cycle subprocess for the kill/resume test (tests/test_cycle.py).
 
 usage: python tests/cycle_worker.py WORKDIR [--kill seeding|wake|events] [--cache DIR]
-Saves a tiny random checkpoint (WORKDIR/base, once), then runs ``cycle.run_cycle`` over 6
-memories, a sleep every 2 (3 cycles; 2 slots, so cycle 3 grows more: when_full="grow"), and
+Saves a tiny random checkpoint (WORKDIR/base, once), then runs ``cycle.run_cycle`` over 4
+memories, a sleep every 2 (2 cycles; 1 slot, so cycle 2 grows one more: when_full="grow"), and
 prints {"matrix", "events"} as one JSON line. ``--kill`` SIGKILLs the process once, at one
 point: "events" while cycle 1's event record is being written (temp file written, not yet
-renamed), "seeding" right after step 3 of cycle 2's sleep is logged, "wake" right after cycle
-3's wake answers (before its sleep).
+renamed), "wake" right after cycle 2's wake answers (before its sleep), "seeding" right after
+step 3 of cycle 2's sleep is logged.
 """
 
 import argparse
@@ -55,9 +55,9 @@ def main() -> int:
         cfg = get_preset("tiny", vocab=32, embed=32, mlp=64, layers=1, heads=2, kv_heads=2,
                          head_dim=16)
         save_checkpoint(base_dir, create_model(cfg, seed=0), tokenizer(), tokens=TOKENS)
-    memories = [Memory(f"m{i}", f"n{i} lives in c{i % 4} .") for i in range(6)]
-    probes = [Probe(f"m{i}", f"where does n{i} live ?", (f"c{i % 4}",)) for i in range(6)]
-    scfg = SleepConfig(steps=4, batch_size=4, slots=2, rank=4, when_full="grow",
+    memories = [Memory(f"m{i}", f"n{i} lives in c{i % 4} .") for i in range(4)]
+    probes = [Probe(f"m{i}", f"where does n{i} live ?", (f"c{i % 4}",)) for i in range(4)]
+    scfg = SleepConfig(steps=4, batch_size=4, slots=1, rank=4, when_full="grow",
                        checkpoint_every=2, progress_bar=False, eval_tokens=2,
                        prompt_format="{question}")
     state = {"cycle": 0}
@@ -73,9 +73,9 @@ def main() -> int:
         state["cycle"] = int(os.path.basename(kw["workdir"]).split("_")[1])
         return real_sleep(*args, **kw)
 
-    def wake_accuracy(*args, **kw):
-        out = real_wake(*args, **kw)
-        if a.kill == "wake" and state["cycle"] == 2:  # cycle 3's wake (after cycle 2's sleep)
+    def wake_accuracy(model, tok, store, *args, **kw):
+        out = real_wake(model, tok, store, *args, **kw)
+        if a.kill == "wake" and store[0].id == "m2":  # cycle 2's wake
             kill()
         return out
 
