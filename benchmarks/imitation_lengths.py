@@ -9,7 +9,7 @@ once with the earlier rollout ("unmatched", reconstructed below from that commit
 and prints the demo's figures for both (selected on validation, and end of budget), last line
 JSON.
 
-    python benchmarks/imitation_lengths.py [--steps 200] [--seed 0]
+    python benchmarks/imitation_lengths.py [--steps 200] [--seed 0] [--base-steps N]
 """
 
 import argparse
@@ -65,8 +65,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200, help="sleep steps of each run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-steps", type=int, default=DemoConfig().base_steps,
+                   help="base training steps (the demo's by default; fewer for a smoke run)")
     a = p.parse_args()
-    cfg = dataclasses.replace(DemoConfig(), sleep_steps=a.steps, seed=a.seed)
+    cfg = dataclasses.replace(DemoConfig(), sleep_steps=a.steps, seed=a.seed,
+                              base_steps=a.base_steps, eval_every=min(100, a.steps))
     world = worldlib.make_world(cfg.seed, cfg.n_old, cfg.n_new, cfg.n_task)
     tok = word_level_tokenizer(world.vocabulary_corpus())
     model_cfg = ModelConfig(vocab=tok.get_vocab_size(), embed=cfg.embed, mlp=cfg.mlp,
