@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ("sleep_jax.demo", "main", "the CPU demo: train a tiny model, sleep, evaluate"),
     "train": ("sleep_jax.train.cli", "main", "train from a config (resumes in its workdir)"),
     "sleep": ("sleep_jax.distill.cli", "main", "Knowledge Seeding on your model and memories"),
+    "dream": ("sleep_jax.dream.cli", "main", "train a dream generator on a task set (JSONL)"),
     "grow": ("sleep_jax.grow.cli", "main", "grow a checkpoint (function preserving)"),
     "import": ("sleep_jax.models.cli", "import_main", "import a GGUF or HF Llama checkpoint"),
     "export": ("sleep_jax.models.cli", "export_main", "export a checkpoint to HF safetensors"),
