@@ -229,10 +229,10 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
                        np.random.default_rng(run.seed + 17))
     eos = tokens.get("eos_id")
 
-    # one device, SingleDeviceSharding throughout: the step's outputs then carry the shardings
-    # of its inputs, so the second step reuses the first step's program
-    gen = jax.device_put(gen, jax.devices()[0])
-    a0 = jax.device_put(a0, jax.devices()[0])
+    # one device, SingleDeviceSharding throughout (a restored state too): the step's outputs
+    # then carry the shardings of its inputs, so every step, resumed or not, runs one program
+    dev = jax.devices()[0]
+    gen, a0 = jax.device_put((gen, a0), dev)
 
     @jax.jit
     def core(g, adapter0, batch, rng):
@@ -243,7 +243,7 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
         return {"params": g.params, "opt_state": g.opt_state, "step": g.step}, m
 
     def step(state, batch, rng):  # the checkpointed state is the generator adapter's part
-        return core(gen.replace(**state), a0, batch, rng)
+        return core(gen.replace(**jax.device_put(state, dev)), a0, batch, rng)
 
     state = {"params": gen.params, "opt_state": gen.opt_state, "step": gen.step}
     lcfg = LoopConfig(steps=run.steps, log_every=run.log_every,
