@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("sleep_jax.train.cli", "main", "train from a config (resumes in its workdir)"),
     "sleep": ("sleep_jax.distill.cli", "main", "Knowledge Seeding on your model and memories"),
     "cycle": ("sleep_jax.cycle_cli", "main", "wake/sleep cycles over a memory stream"),
+    "dream": ("sleep_jax.dream.cli", "main", "train a dream generator on a task set (JSONL)"),
     "grow": ("sleep_jax.grow.cli", "main", "grow a checkpoint (function preserving)"),
     "import": ("sleep_jax.models.cli", "import_main", "import a GGUF or HF Llama checkpoint"),
     "export": ("sleep_jax.models.cli", "export_main", "export a checkpoint to HF safetensors"),

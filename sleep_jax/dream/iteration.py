@@ -213,7 +213,7 @@ def dream_contexts(gen: AdapterState, inner_slot, adapter0, batch: DreamBatch, r
 
 def dream_iteration(gen: AdapterState, inner_slot, adapter0, batch: DreamBatch, rng, *,
                     cfg: DreamConfig, rl: RLConfig, bos_id: int | None, eos_id: int | None,
-                    pad_id: int = 0) -> tuple[AdapterState, dict]:
+                    pad_id: int = 0, shuffle_rewards=False) -> tuple[AdapterState, dict]:
     """One dream iteration (module docstring), pure: jit it whole.
 
     Args:
@@ -223,6 +223,11 @@ def dream_iteration(gen: AdapterState, inner_slot, adapter0, batch: DreamBatch, 
       batch: a ``DreamBatch`` with tau.
       rng: PRNG key.
       cfg, rl: the dreaming settings and the generator's RL settings (GRPO).
+      shuffle_rewards: a control, never for training: when true (a Python bool, or a traced
+        bool scalar so that the control and the real run share one compiled program), the
+        rewards are permuted at random across all dreams of the batch (every context's group)
+        before the update, so the update sees rewards with their marginal distribution but
+        unrelated to the dreams. The metrics report the true rewards.
     Returns:
       (gen after the update, out) with out: "rewards" [Nc,m] (pg_over="all") or [Nc,k+b]
       ("kept"), "tokens"/"mask" [Nc,k+b,Mx] (the kept dreams), "keep", "scores" [Nc,m] and
@@ -254,11 +259,14 @@ def dream_iteration(gen: AdapterState, inner_slot, adapter0, batch: DreamBatch, 
     rewards = res["rewards"]  # [Nc, group]
     rl_u = _rl_config(rl, cfg, group)
     ro = jax.tree.map(lambda x: x[rows], rollout)
+    used = rewards.reshape(-1)
+    if shuffle_rewards is not False:  # the control (docstring); False: not even traced
+        rng_upd, k_perm = jax.random.split(rng_upd)
+        used = jnp.where(shuffle_rewards, jax.random.permutation(k_perm, used), used)
     if rl_u.algorithm == "grpo":
-        gen, upd = grpo_update(gen, with_rewards(ro, rewards.reshape(-1), rl_u), rng_upd,
-                               cfg=rl_u)
+        gen, upd = grpo_update(gen, with_rewards(ro, used, rl_u), rng_upd, cfg=rl_u)
     else:
-        gen, upd = rest_em_update(gen, ro.replace(rewards=rewards.reshape(-1)), rl=rl_u)
+        gen, upd = rest_em_update(gen, ro.replace(rewards=used), rl=rl_u)
     copies = _take(sel["copies"], keep).astype(jnp.float32)
     metrics = {"reward_mean": jnp.mean(rewards), "reward_std": jnp.std(rewards),
                "zero_var_share": jnp.mean((jnp.max(rewards, 1) == jnp.min(rewards, 1)
