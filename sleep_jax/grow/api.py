@@ -216,15 +216,16 @@ def compile_growth(src: ModelConfig, dst: ModelConfig, mesh: Mesh, example_args,
     steps, final_cfg = plan_growth(src, dst, options)
     graphdef, abs_p, abs_o = _abstract(factory, final_cfg)
 
-    sizes = normal_sizes(*example_args[:3], example_args[4], steps=steps, options=options,
-                         factory=factory)
+    asked: list[int] = []
 
-    def fn(params, other, opt_state, step, rng):
+    def fn(params, other, opt_state, step, rng, record=None):
+        sizes = None if record is not None else tuple(asked)
         out = _grow_arrays(params, other, opt_state, Normals(rng, sizes), steps=steps,
-                           options=options, factory=factory)
+                           options=options, factory=factory, record=record)
         return (*out, step)
 
-    out_abs = jax.eval_shape(fn, *example_args)
+    # one shapes-only pass gives the output shapes and the sizes of the normal draws
+    out_abs = jax.eval_shape(lambda *a: fn(*a, record=asked), *example_args)
     for got, want in zip(jax.tree.leaves(out_abs[0]), jax.tree.leaves(abs_p)):
         if (got.shape, got.dtype) != (want.shape, want.dtype):
             raise AssertionError(f"grown params {got} differ from the target model's {want}")
