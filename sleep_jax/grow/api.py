@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sleep_jax.grow.axismap import AxisPlan, key_for, resize_mask, resize_moment, resize_value
+from sleep_jax.grow.axismap import AxisPlan, Normals, resize_mask, resize_moment, resize_value
 from sleep_jax.grow.depth import depth_plans
 from sleep_jax.grow.experts import expert_plans
 from sleep_jax.grow.ffn import ffn_plans
@@ -115,12 +115,32 @@ def grow_arrays(params, other, opt_state, rng, *, steps: list[Step], options: Gr
     Args:
       params, other: nnx.States of the source (trainable params; other variables).
       opt_state: optax state of the source or None.
-      rng: key for new random weights and noise.
+      rng: key for new random weights and noise (one ``jax.random.normal`` draw serves all).
       steps: from ``plan_growth``.
     Returns:
       (params, other, opt_state, mask) of the grown model; mask is a params-like state of bool
       arrays (scalar False where nothing is new) marking new entries and second copies.
     """
+    sizes = normal_sizes(params, other, opt_state, rng, steps=steps, options=options,
+                         factory=factory)
+    return _grow_arrays(params, other, opt_state, Normals(rng, sizes), steps=steps,
+                        options=options, factory=factory)
+
+
+def normal_sizes(params, other, opt_state, rng, *, steps, options, factory=default_factory
+                 ) -> tuple[int, ...]:
+    """The sizes of the normal draws the growth asks for, in order (a shapes-only pass)."""
+    asked: list[int] = []
+    jax.eval_shape(lambda p, o, s, r: _grow_arrays(p, o, s, Normals(r), steps=steps,
+                                                   options=options, factory=factory,
+                                                   record=asked),
+                   params, other, opt_state, rng)
+    return tuple(asked)
+
+
+def _grow_arrays(params, other, opt_state, normals: Normals, *, steps: list[Step],
+                 options: GrowOptions, factory: Factory, record: list | None = None):
+    """``grow_arrays`` with its normals pool; ``record`` receives the sizes asked for."""
     flat_p, flat_o = flatten(params), flatten(other)
     P = {k: v[...] for k, v in flat_p.items()}
     O = {k: v[...] for k, v in flat_o.items()}
@@ -149,8 +169,7 @@ def grow_arrays(params, other, opt_state, rng, *, steps: list[Step], options: Gr
             for k in P:
                 if AX[k] is None or plan.axis not in AX[k]:
                     continue
-                key = key_for(rng, step.name, plan.axis, k)
-                P[k] = resize_value(P[k], AX[k], plan, is_param=True, rng=key,
+                P[k] = resize_value(P[k], AX[k], plan, is_param=True, normals=normals,
                                     noise=options.noise, init_std=options.init_std)
                 mask[k] = resize_mask(mask[k], P[k].shape, AX[k], plan)
                 fresh[k] = resize_flag(fresh[k], P[k].shape, AX[k], plan)
@@ -160,13 +179,15 @@ def grow_arrays(params, other, opt_state, rng, *, steps: list[Step], options: Gr
                     flat[k] = resize_moment(flat[k], AX[k], plan, second=second)
             for k in O:
                 if AX[k] is not None and plan.axis in AX[k]:
-                    O[k] = resize_value(O[k], AX[k], plan, is_param=False, rng=rng, noise=0.0,
-                                        init_std=options.init_std)
+                    O[k] = resize_value(O[k], AX[k], plan, is_param=False, normals=normals,
+                                        noise=0.0, init_std=options.init_std)
         for store, abs_tree in ((P, abs_p), (O, abs_o)):
             for k, v in flatten(abs_tree).items():
                 if store[k].shape != v.shape:
                     raise AssertionError(f"growth step {step.name!r}: {k} has shape "
                                          f"{store[k].shape}, the target model expects {v.shape}")
+    if record is not None:
+        record.extend(normals.asked)
     if final is None:  # nothing grows: an identity copy onto the target mesh
         return params, other, opt_state, rebuild(params, lambda k, v: jnp.zeros((), bool))
     _, abs_p, abs_o = final
@@ -195,12 +216,16 @@ def compile_growth(src: ModelConfig, dst: ModelConfig, mesh: Mesh, example_args,
     steps, final_cfg = plan_growth(src, dst, options)
     graphdef, abs_p, abs_o = _abstract(factory, final_cfg)
 
-    def fn(params, other, opt_state, step, rng):
-        out = grow_arrays(params, other, opt_state, rng, steps=steps, options=options,
-                          factory=factory)
+    asked: list[int] = []
+
+    def fn(params, other, opt_state, step, rng, record=None):
+        sizes = None if record is not None else tuple(asked)
+        out = _grow_arrays(params, other, opt_state, Normals(rng, sizes), steps=steps,
+                           options=options, factory=factory, record=record)
         return (*out, step)
 
-    out_abs = jax.eval_shape(fn, *example_args)
+    # one shapes-only pass gives the output shapes and the sizes of the normal draws
+    out_abs = jax.eval_shape(lambda *a: fn(*a, record=asked), *example_args)
     for got, want in zip(jax.tree.leaves(out_abs[0]), jax.tree.leaves(abs_p)):
         if (got.shape, got.dtype) != (want.shape, want.dtype):
             raise AssertionError(f"grown params {got} differ from the target model's {want}")
