@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("sleep_jax.train.cli", "main", "train from a config (resumes in its workdir)"),
     "sleep": ("sleep_jax.distill.cli", "main", "Knowledge Seeding on your model and memories"),
     "grow": ("sleep_jax.grow.cli", "main", "grow a checkpoint (function preserving)"),
+    "plan": ("sleep_jax.plan.cli", "main", "compile each step for TPU meshes: memory, roofline"),
     "import": ("sleep_jax.models.cli", "import_main", "import a GGUF or HF Llama checkpoint"),
     "export": ("sleep_jax.models.cli", "export_main", "export a checkpoint to HF safetensors"),
     "generate": ("sleep_jax.models.cli", "generate_main", "sample a completion"),

@@ -3,7 +3,7 @@
     0 data/ models/ mesh checkpoint atomic eval/qa,matrix,report,select (foundation)
     1 sampling train/ eval/probes                                  (forward passes, updates)
     2 grow/ distill/ rl/                                           (the method's parts)
-    3 sleep                                                        (the sleep pipeline)
+    3 sleep plan/                                                  (the sleep pipeline; mesh plans)
     4 config cli demo demo_run */cli.py                            (commands)
 
 A new module must be placed here; distill/ never imports the concrete decoder (it reads the
@@ -23,7 +23,7 @@ LAYERS = {
         "sleep_jax.eval.matrix", "sleep_jax.eval.report"),
     1: ("sleep_jax.sampling", "sleep_jax.train", "sleep_jax.eval.probes"),
     2: ("sleep_jax.grow", "sleep_jax.distill", "sleep_jax.rl"),
-    3: ("sleep_jax.sleep",),
+    3: ("sleep_jax.sleep", "sleep_jax.plan"),
     4: ("sleep_jax.config", "sleep_jax.cli", "sleep_jax.demo", "sleep_jax.demo_run"),
 }
 
