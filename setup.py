@@ -31,6 +31,8 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.8,<4", "ruff>=0.6"],
         "hf": ["torch==2.13.0", "transformers>=4.56,<6", "accelerate>=1.10,<2"],
+        # `sleep-jax plan`: compiles for TPU topologies on a CPU host (the libtpu jax pins)
+        "plan": ["libtpu==0.0.42.*"],
     },
     entry_points={"console_scripts": ["sleep-jax=sleep_jax.cli:main"]},
 )

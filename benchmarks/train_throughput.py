@@ -36,16 +36,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sleep_jax.models.config import flops_per_token  # noqa: E402  (the one MFU formula)
+
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu v4": 275.0, "tpu v5 lite": 197.0,
                "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v6": 918.0}
 CPU_HOST_TFLOPS = 0.1
-
-
-def flops_per_token(cfg, seq_len: int) -> float:
-    """6 N + 12 L D T (N all parameters, D = heads x head_dim)."""
-    from sleep_jax.models import param_count
-
-    return 6.0 * param_count(cfg) + 12.0 * cfg.layers * cfg.heads * cfg.head_dim * seq_len
 
 
 def peak_per_device(peak_tflops: float | None) -> tuple[float, str]:

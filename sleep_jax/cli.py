@@ -16,6 +16,7 @@ COMMANDS = {
     "cycle": ("sleep_jax.cycle_cli", "main", "wake/sleep cycles over a memory stream"),
     "dream": ("sleep_jax.dream.cli", "main", "train a dream generator on a task set (JSONL)"),
     "grow": ("sleep_jax.grow.cli", "main", "grow a checkpoint (function preserving)"),
+    "plan": ("sleep_jax.plan.cli", "main", "compile each step for TPU meshes: memory, roofline"),
     "import": ("sleep_jax.models.cli", "import_main", "import a GGUF or HF Llama checkpoint"),
     "export": ("sleep_jax.models.cli", "export_main", "export a checkpoint to HF safetensors"),
     "generate": ("sleep_jax.models.cli", "generate_main", "sample a completion"),

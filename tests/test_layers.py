@@ -3,8 +3,8 @@
     0 data/ models/ mesh checkpoint atomic runtime eval/qa,matrix,report,select,cycle_report
     1 sampling train/ eval/probes                                  (forward passes, updates)
     2 grow/ distill/ rl/ dream/                                    (the method's parts)
-    3 sleep cycle                                                  (the sleep pipeline, cycles)
-    4 config cli demo demo_run launch_cli */cli.py                 (commands)
+    3 sleep cycle plan/                                            (pipeline, cycles, plans)
+    4 config cli demo demo_run launch_cli cycle_cli */cli.py       (commands)
 
 A new module must be placed here; distill/ never imports the concrete decoder (it reads the
 model protocol's capabilities instead).
@@ -24,7 +24,7 @@ LAYERS = {
         "sleep_jax.eval.cycle_report"),
     1: ("sleep_jax.sampling", "sleep_jax.train", "sleep_jax.eval.probes"),
     2: ("sleep_jax.grow", "sleep_jax.distill", "sleep_jax.rl", "sleep_jax.dream"),
-    3: ("sleep_jax.sleep", "sleep_jax.cycle"),
+    3: ("sleep_jax.sleep", "sleep_jax.cycle", "sleep_jax.plan"),
     4: ("sleep_jax.config", "sleep_jax.cli", "sleep_jax.demo", "sleep_jax.demo_run",
         "sleep_jax.launch_cli", "sleep_jax.cycle_cli"),
 }

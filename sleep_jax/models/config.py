@@ -52,6 +52,10 @@ class ModelConfig:
     attention: str = "xla"
     # Rematerialisation of each layer in training: "none", "full" or "dots" (save matmuls).
     remat: str = "none"
+    # Lower the layer scan fully unrolled (same math, one copy of the layer per layer in the
+    # program): compile-time cost analysis then counts every layer (it counts a loop body once).
+    # ``sleep-jax plan`` sets it; training keeps the scan.
+    unroll_layers: bool = False
 
     def __post_init__(self):
         for name in ("vocab", "embed", "mlp", "layers", "heads", "kv_heads", "head_dim"):
@@ -68,6 +72,7 @@ class ModelConfig:
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"ModelConfig.remat={self.remat!r}; allowed: none, full, dots")
         object.__setattr__(self, "expert_router", bool(self.expert_router))
+        object.__setattr__(self, "unroll_layers", bool(self.unroll_layers))
         if self.expert_slots < 0 or self.expert_rank < 1:
             raise ValueError(f"expert_slots={self.expert_slots} must be >= 0 and "
                              f"expert_rank={self.expert_rank} >= 1")
@@ -105,6 +110,17 @@ def param_count(cfg: ModelConfig) -> int:
     per_layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F + 2 * D
     experts = L * cfg.expert_slots * 2 * D * cfg.expert_rank
     return V * D * (1 if cfg.tie_embeddings else 2) + L * per_layer + D + experts
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, 6 N + 12 L D T (PaLM, Chowdhery et al. 2022, appendix B).
+
+    N all parameters (embeddings included, ``param_count``), L layers, D the attention width
+    (heads x head_dim), T the sequence length: 6N is forward + backward of the matmuls, 12LDT
+    the attention scores and weighted sum. The one definition of the MFU numerator
+    (benchmarks/train_throughput.py, ``sleep-jax plan``).
+    """
+    return 6.0 * param_count(cfg) + 12.0 * cfg.layers * cfg.heads * cfg.head_dim * seq_len
 
 
 PRESETS: dict[str, ModelConfig] = {

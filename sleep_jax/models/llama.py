@@ -273,7 +273,8 @@ class Decoder(nnx.Module):
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT[cfg.remat])
-        x, (new_layer_cache, experts) = jax.lax.scan(body, x, (params, layer_cache))
+        x, (new_layer_cache, experts) = jax.lax.scan(body, x, (params, layer_cache),
+                                                      unroll=bool(cfg.unroll_layers))
         x = rms_norm(x, self.final_norm[...], cfg.norm_eps)
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt),
