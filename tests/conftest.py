@@ -76,10 +76,10 @@ def smollm2(smollm2_path):
 # alone at the end. Order within a file is kept; a plain (non-xdist) run is not reordered.
 SLOW_FIRST = ("test_grow_ops.py", "test_runtime.py", "test_grow_train.py", "test_convert.py",
               "test_rl.py", "test_dream.py", "test_dream_learning.py", "test_cycle.py",
-              "test_grow_cli.py", "test_checkpoint.py", "test_demo.py", "test_seeding.py",
-              "test_seeding_mesh.py", "test_seeding_learning.py", "test_sleep.py",
-              "test_loop.py", "test_train.py", "test_sampling.py", "test_launch.py",
-              "test_checkpoint_dir.py")
+              "test_plan.py", "test_grow_cli.py", "test_checkpoint.py", "test_demo.py",
+              "test_seeding.py", "test_seeding_mesh.py", "test_seeding_learning.py",
+              "test_sleep.py", "test_loop.py", "test_train.py", "test_sampling.py",
+              "test_launch.py", "test_checkpoint_dir.py")
 
 
 def pytest_collection_modifyitems(config, items):
