@@ -23,8 +23,10 @@ $(STAMP): setup.py constraints.txt
 
 install: $(STAMP)
 
+# The demo runs on the CPU: JAX_PLATFORMS=cpu keeps jax from probing for a TPU through the
+# libtpu that the plan extra installs (it only compiles for TPU topologies).
 demo: $(STAMP)
-	$(VENV)/bin/sleep-jax demo $(ARGS)
+	JAX_PLATFORMS=cpu $(VENV)/bin/sleep-jax demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs --durations=25 -n $(PYTEST_WORKERS) --dist loadfile \
