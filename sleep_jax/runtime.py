@@ -158,8 +158,11 @@ def resolve(cfg: RuntimeConfig | None = None, env: Mapping[str, str] | None = No
         return Plan("slurm", _int(env, "SLURM_NTASKS"), pid, local_device_ids=devices,
                     init_timeout_s=timeout)
     hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
-    hosts = [h for h in hosts.split(",") if h.strip()]
-    if len(hosts) > 1:
+    hosts = [h.strip() for h in hosts.split(",") if h.strip()]
+    # off a TPU VM, jax's libtpu start-up stores its warning ("WARNING: could not determine
+    # TPU worker hostnames or IP addresses, please set ...") in TPU_WORKER_HOSTNAMES: a value
+    # with spaces names no hosts
+    if len(hosts) > 1 and not any(" " in h for h in hosts):
         pid = _int(env, "TPU_WORKER_ID") if env.get("TPU_WORKER_ID") else None
         return Plan("tpu", len(hosts), pid, init_timeout_s=timeout)
     return Plan("single", init_timeout_s=timeout)

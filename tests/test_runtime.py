@@ -62,6 +62,11 @@ def test_resolve_slurm_and_tpu_leave_detection_to_jax():
     tpu = resolve(env={"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3", "TPU_WORKER_ID": "1"})
     assert (tpu.kind, tpu.num_processes, tpu.process_id) == ("tpu", 4, 1)
     assert resolve(env={"TPU_WORKER_HOSTNAMES": "h0", "TPU_WORKER_ID": "0"}).kind == "single"
+    # what libtpu leaves in the variable on a host that is not a TPU VM
+    warning = ("WARNING: could not determine TPU worker hostnames or IP addresses, please set "
+               "env var `TPU_WORKER_HOSTNAMES` manually, otherwise libtpu.so may not properly "
+               "initialize.")
+    assert resolve(env={"TPU_WORKER_HOSTNAMES": warning}).kind == "single"
     assert resolve(env={"SLEEP_JAX_DISTRIBUTED": "jax"}).kind == "jax"
 
 
