@@ -1,5 +1,6 @@
 """Wake/sleep cycles over a memory stream: ``sleep-jax cycle --config configs/cycle.py[:quick]
---checkpoint CKPT --memories STREAM.jsonl --probes P.jsonl --workdir DIR [--texts T.jsonl]``.
+--checkpoint CKPT --memories STREAM.jsonl --probes P.jsonl --workdir DIR [--texts T.jsonl]``,
+or on the demo world: ``sleep-jax cycle --config configs/cycle.py:demo [--workdir DIR]``.
 
 Sections (each the frozen dataclass beside the code that uses it):
   cycle    sleep_jax.cycle.CycleConfig: a sleep every ``sleep_every`` memories or when the
@@ -9,7 +10,15 @@ Sections (each the frozen dataclass beside the code that uses it):
   replay   sleep_jax.sleep.ReplayConfig (every earlier sleep's prompts are replayed too)
   seeding  sleep_jax.distill.seeding.SeedingConfig
   mesh     the student's mesh (default all devices)
-Presets: the default (a 200-step sleep per cycle), and ``quick`` (20 steps, a smoke run).
+The ``demo`` and ``demo_full`` presets instead hold ``demo`` (sleep_jax.demo.DemoConfig: the
+world and the base, as ``sleep-jax demo`` trains it) and ``cycle_demo``
+(sleep_jax.cycle_demo.CycleDemoConfig: the stream's length, the steps and batch of every
+method's sleep per cycle, the slots, the methods); the methods' optimizers and replay are the
+demo's (``sleep_jax.demo_run.method_plan``).
+Presets: the default (a 200-step sleep per cycle), ``quick`` (20 steps, a smoke run),
+``demo`` (10 cycles of 3 NEW memories, 60 steps per sleep: sleep beside seeding without
+growth and SFT with replay; reuses the demo's base when ``sleep-jax demo`` wrote one with the
+same settings, else trains it), ``demo_full`` (as demo, plus the in-context-only baseline).
 """
 
 import ml_collections
@@ -23,15 +32,29 @@ _PRESETS = {
     "default": dict(cycle={}, sleep=dict(when_full="grow")),
     "quick": dict(cycle={}, sleep=dict(when_full="grow", steps=20, batch_size=8)),
 }
+_DEMO_PRESETS = {
+    "demo": {},
+    "demo_full": dict(methods=("sleep", "seed_full", "sft_replay", "in_context")),
+}
+ALL = tuple(_PRESETS) + tuple(_DEMO_PRESETS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     name = arg or "default"
-    if name not in _PRESETS:
-        raise ValueError(f"unknown cycle preset {name!r}; allowed: {', '.join(_PRESETS)}")
-    p = _PRESETS[name]
+    if name not in ALL:
+        raise ValueError(f"unknown cycle preset {name!r}; allowed: {', '.join(ALL)}")
     config = ml_collections.ConfigDict()
     config.preset = name
+    if name in _DEMO_PRESETS:
+        from sleep_jax.cycle_demo import CycleDemoConfig
+        from sleep_jax.demo import DemoConfig
+
+        config.cycle = section(CycleConfig, sleep_every=3, store_size=3, kl_texts=200)
+        config.demo = section(DemoConfig)
+        config.cycle_demo = section(CycleDemoConfig, **_DEMO_PRESETS[name])
+        config.progress_bar = True
+        return config
+    p = _PRESETS[name]
     config.cycle = section(CycleConfig, **p["cycle"])
     config.sleep = section(SleepConfig, **p["sleep"])
     config.replay = section(ReplayConfig)

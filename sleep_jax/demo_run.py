@@ -335,12 +335,19 @@ def make_validation(ctx: Ctx):
     return validation
 
 
-def run_seed(cfg, workdir: str) -> dict:
-    """Everything for one seed; writes report.json / report.md / plots into ``workdir``."""
-    from sleep_jax.demo import METHODS
+# the DemoConfig fields that make the base model (a reused base must match them all)
+BASE_FIELDS = ("seed", "n_old", "n_new", "n_task", "embed", "layers", "heads", "mlp",
+               "base_steps", "base_batch", "seq_len", "qa_repeat", "base_lr", "base_warmup",
+               "rc_items", "rc_max_passages", "general_items", "dream_items")
 
-    os.makedirs(workdir, exist_ok=True)
-    t_start = time.time()
+
+def base_settings(cfg) -> dict:
+    """The settings of a DemoConfig that make its base model."""
+    return {k: getattr(cfg, k) for k in BASE_FIELDS}
+
+
+def make_ctx(cfg) -> Ctx:
+    """One seed's world, tokenizer, model config and (one-device) mesh."""
     world = worldlib.make_world(cfg.seed, cfg.n_old, cfg.n_new, cfg.n_task)
     tok = word_level_tokenizer(world.vocabulary_corpus())
     ids = special_ids(tok)
@@ -348,7 +355,30 @@ def run_seed(cfg, workdir: str) -> dict:
                             layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.heads,
                             head_dim=cfg.embed // cfg.heads, max_seq_len=256)
     mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
-    ctx = Ctx(cfg, world, tok, ids, model_cfg, mesh)
+    return Ctx(cfg, world, tok, ids, model_cfg, mesh)
+
+
+def save_base(ctx: Ctx, base: nnx.Module, path: str) -> str:
+    """The base model in the checkpoint format, with the settings it was trained under
+    (``extra.base_settings``: what ``sleep-jax cycle --config configs/cycle.py:demo`` checks
+    before it reuses this base)."""
+    ids = ctx.ids
+    save_checkpoint(path, base, ctx.tok,
+                    tokens={"bos_id": ids["bos"], "eos_id": ids["eos"], "pad_id": ids["pad"],
+                            "unk_id": ids["unk"], "add_bos": True, "chat_template": None},
+                    extra={"source": "sleep-jax demo", "seed": ctx.cfg.seed,
+                           "base_settings": base_settings(ctx.cfg)})
+    return path
+
+
+def run_seed(cfg, workdir: str) -> dict:
+    """Everything for one seed; writes report.json / report.md / plots into ``workdir``."""
+    from sleep_jax.demo import METHODS
+
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.time()
+    ctx = make_ctx(cfg)
+    world, tok, model_cfg = ctx.world, ctx.tok, ctx.model_cfg
     log.info("seed %d: world %d OLD / %d NEW / %d TASK entities, vocabulary %d, model %s",
              cfg.seed, cfg.n_old, cfg.n_new, cfg.n_task, tok.get_vocab_size(), model_cfg)
 
@@ -357,10 +387,7 @@ def run_seed(cfg, workdir: str) -> dict:
     t_base = time.time() - t0
     # the base model in the checkpoint format, and NEW memories/probes as JSONL, so that
     # `sleep-jax sleep --checkpoint <workdir>/base --memories ... --probes ...` can be tried
-    save_checkpoint(os.path.join(workdir, "base"), base, tok,
-                    tokens={"bos_id": ids["bos"], "eos_id": ids["eos"], "pad_id": ids["pad"],
-                            "unk_id": ids["unk"], "add_bos": True, "chat_template": None},
-                    extra={"source": "sleep-jax demo", "seed": cfg.seed})
+    save_base(ctx, base, os.path.join(workdir, "base"))
     world.export_jsonl(os.path.join(workdir, "data"), "new", TEST_WORDINGS)
     validation = make_validation(ctx)
     t0 = time.time()

@@ -273,14 +273,24 @@ def sample_replay_prompts(model, *, replay: ReplayConfig, bos_id: int, eos_id: i
             for i in range(n) if lens[i] > 1]
 
 
-def batch_fn(rows: Rows, *, batch_size: int, fraction: float, bos_id: int, pad_id: int):
+def batch_fn(rows: Rows, *, batch_size: int, fraction: float, bos_id: int, pad_id: int,
+             lengths: tuple[int, int] | None = None):
     """``fn(np_rng) -> SeedingBatch``: B - round(fraction * B) seeding rows and the rest replay
-    rows, drawn with replacement and shuffled (the lambda split then hits both kinds)."""
+    rows, drawn with replacement and shuffled (the lambda split then hits both kinds).
+
+    ``lengths``: (teacher P, student Q) row lengths, at least the longest rows' (default: just
+    those); fixed lengths keep the step's shapes, so a later sleep reuses its compiled program
+    (the cycle passes the stream's longest rows)."""
     new, old = rows.seeding, rows.replay
     B = batch_size
     n_old = int(round(fraction * B)) if old else 0
     P = max(len(m) + len(p) for m, p in new + old) + 1
     Q = max(len(p) for _, p in new + old) + 1
+    if lengths is not None:
+        if lengths[0] < P or lengths[1] < Q:
+            raise ValueError(f"row lengths {tuple(lengths)} are shorter than this sleep's "
+                             f"longest rows (teacher {P}, student {Q})")
+        P, Q = int(lengths[0]), int(lengths[1])
 
     def fn(rng: np.random.Generator):
         pick = [new[i] for i in rng.integers(0, len(new), B - n_old)]
@@ -438,7 +448,8 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
           earlier: Sequence[dict] = (),
           probe_questions: Sequence[str] = (), mesh=None, teacher_mesh=None,
           workdir: str | None = None, eval_fn: Callable | None = None,
-          log_fn: Callable | None = None, desc: str = "sleep") -> SleepResult:
+          log_fn: Callable | None = None, desc: str = "sleep",
+          row_lengths: tuple[int, int] | None = None) -> SleepResult:
     """One sleep of ``base`` on ``memories`` (module docstring, steps 1-3).
 
     Args:
@@ -459,6 +470,7 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
         curve: at step 0, every cfg.eval_every and at the end; recorded in the metrics as
         "eval/<name>" (the callback may also keep the model, e.g. ``eval.select.BestCheckpoint``).
       log_fn: called with each metrics record.
+      row_lengths: fixed (teacher, student) seeding row lengths (``batch_fn``).
     Keys and batches: numpy ``default_rng(cfg.seed + 17)`` draws the batches,
     ``key(cfg.seed + 1)`` is the base key (growth ``fold_in(., 99)``, replay sampling
     ``fold_in(., 98)``, step i ``fold_in(., i)``), as the demo always had.
@@ -515,7 +527,7 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
                             earlier=earlier, probe_questions=probe_questions,
                             sleep_index=sleep_index, slot=slot)
         source = RngSource(batch_fn(rows, batch_size=cfg.batch_size, fraction=replay.fraction,
-                                    bos_id=bos, pad_id=pad), np_rng)
+                                    bos_id=bos, pad_id=pad, lengths=row_lengths), np_rng)
         sstep = seeding.make_seeding_step(seeding_cfg, state, mesh, eos_id=eos, pad_id=pad)
         tg, ts = nnx.split(teacher)
         imitate = None

@@ -66,10 +66,10 @@ def main() -> int:
         def log_fn(rec):
             if state["cycle"] == 2 and rec["step"] == 3:
                 kill()
-    real_sleep, real_wake, real_write = cycle.sleep_checkpoint, cycle.wake_accuracy, \
+    real_sleep, real_wake, real_write = cycle.sleep_cycle, cycle.wake_accuracy, \
         atomic.write_text
 
-    def sleep_checkpoint(*args, **kw):
+    def sleep_cycle(*args, **kw):
         state["cycle"] = int(os.path.basename(kw["workdir"]).split("_")[1])
         return real_sleep(*args, **kw)
 
@@ -87,14 +87,17 @@ def main() -> int:
                 kill()
         return real_write(path, text)
 
-    cycle.sleep_checkpoint, cycle.wake_accuracy, atomic.write_text = \
-        sleep_checkpoint, wake_accuracy, write_text
+    cycle.sleep_cycle, cycle.wake_accuracy, atomic.write_text = \
+        sleep_cycle, wake_accuracy, write_text
     out = cycle.run_cycle(base_dir, memories, probes, workdir=os.path.join(a.workdir, "run"),
                           cfg=cycle.CycleConfig(sleep_every=2, store_size=2),
-                          sleep_cfg=scfg, seeding_cfg=SeedingConfig(max_new_tokens=2),
-                          replay=ReplayConfig(fraction=0.5, source="samples", samples=8,
-                                              sample_tokens=4, prefix_tokens=2),
-                          texts=["n1 lives in c1 .", "where does n2 live ?"], log_fn=log_fn)
+                          method=cycle.CycleMethod(
+                              "sleep", scfg, SeedingConfig(max_new_tokens=2),
+                              ReplayConfig(fraction=0.5, source="samples", samples=8,
+                                           sample_tokens=4, prefix_tokens=2)),
+                          inputs=cycle.CycleInputs(
+                              texts=["n1 lives in c1 .", "where does n2 live ?"]),
+                          log_fn=log_fn)
     keep = ("cycle", "memories", "slot", "slots", "steps", "row", "wake_in_context",
             "kl_to_base")
     print(json.dumps({"matrix": out["matrix"],

@@ -3,15 +3,18 @@
 Input, per method (``build``): ``matrix``, the (T+1) x T accuracy matrix of
 ``sleep_jax.eval.matrix`` (row k = 0..T before any sleep / after cycle k, column j = memory set
 j; NaN or None = not measured); ``kl_to_base``, T figures KL(base || model) on general text
-after each cycle; ``time_s``, T wall-clock seconds per cycle. KL and time entries may be
-missing too (NaN / None). Methods may have different T.
+after each cycle; ``time_s``, T wall-clock seconds per cycle; optionally ``old``, T + 1 figures of
+closed-book accuracy on the wake knowledge (OLD probes: before any sleep, then after each
+cycle). KL, time and OLD entries may be missing too (NaN / None). Methods may have different
+T.
 
 Output (``write_report``, every file atomic via ``sleep_jax.atomic``):
 - report.json: the report dict of ``build``: per method its inputs, a ``summary`` (acc, bwt,
   fwt, forgetting, learning_acc of ``matrix.continual_metrics``; final_kl = KL after the last
-  cycle; time_per_cycle_s = mean of the measured cycle times) and ``curves`` over cycles
-  k = 1..T (acc = ACC of the matrix prefix after cycle k, the mean over the sets learned so
-  far; bwt likewise; kl_to_base as given). Missing / undefined figures are JSON null.
+  cycle; time_per_cycle_s = mean of the measured cycle times; old_before / old_after = OLD
+  accuracy before any sleep / after the last cycle) and ``curves`` over cycles k = 1..T
+  (acc = ACC of the matrix prefix after cycle k, the mean over the sets learned so far; bwt
+  likewise; old and kl_to_base as given). Missing / undefined figures are JSON null.
 - report.md: one table methods x {ACC, BWT, FWT, forgetting, learning accuracy, final KL,
   time/cycle}, then each method's matrix as a table, "-" where not measured or undefined.
   Accuracies are fractions in [0, 1].
@@ -34,9 +37,11 @@ from sleep_jax.eval import matrix as mx
 from sleep_jax.eval.report import method_colours
 
 SUMMARY = (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "forgetting"),
-           ("learning_acc", "learning acc"), ("final_kl", "final KL"),
+           ("learning_acc", "learning acc"), ("old_before", "OLD before"),
+           ("old_after", "OLD after"), ("final_kl", "final KL"),
            ("time_per_cycle_s", "time/cycle (s)"))
 CURVES = (("acc", "ACC so far (sets learned so far)"), ("bwt", "BWT so far"),
+          ("old", "OLD closed-book (wake knowledge)"),
           ("kl_to_base", "KL(base || model), general text"))
 CURVES_PNG = "cycle_curves.png"
 MISSING = "-"
@@ -78,16 +83,22 @@ def method_entry(name: str, m: Mapping) -> dict:
     kl = _per_cycle(name, "kl_to_base", m["kl_to_base"], T)
     times = _per_cycle(name, "time_s", m["time_s"], T)
     measured = [t for t in times if not math.isnan(t)]
+    old = [_as_float(x) for x in m.get("old") or [None] * (T + 1)]
+    if len(old) != T + 1:
+        raise ValueError(f"method {name!r}: old has {len(old)} entries; T + 1 = {T + 1} are "
+                         "needed (before any sleep, then after each cycle)")
     summary = dict(mx.continual_metrics(r))
+    summary["old_before"], summary["old_after"] = old[0], old[-1]
     summary["final_kl"] = kl[-1]
     summary["time_per_cycle_s"] = float(np.mean(measured)) if measured else math.nan
     curves = {"acc": mx.curve(r, mx.average_accuracy), "bwt": mx.curve(r, mx.backward_transfer),
-              "kl_to_base": kl}
+              "old": old[1:], "kl_to_base": kl}
     return {
         "cycles": T,
         "matrix": [[_json_num(x) for x in row] for row in r],
         "kl_to_base": [_json_num(x) for x in kl],
         "time_s": [_json_num(x) for x in times],
+        "old": [_json_num(x) for x in old],
         "summary": {k: _json_num(v) for k, v in summary.items()},
         "curves": {k: [_json_num(x) for x in v] for k, v in curves.items()},
     }
@@ -109,7 +120,8 @@ def _cell(x, fmt: str) -> str:
 
 
 SUMMARY_FORMATS = {"acc": ".4f", "bwt": "+.4f", "fwt": "+.4f", "forgetting": ".4f",
-                   "learning_acc": ".4f", "final_kl": ".4g", "time_per_cycle_s": ".1f"}
+                   "learning_acc": ".4f", "old_before": ".3f", "old_after": ".3f",
+                   "final_kl": ".4g", "time_per_cycle_s": ".1f"}
 
 
 def row_label(k: int) -> str:
@@ -123,7 +135,9 @@ def markdown(report: Mapping) -> str:
              "Accuracies are closed-book fractions in [0, 1]; `-` = not measured or undefined. "
              "ACC, BWT, FWT: Lopez-Paz & Ranzato 2017 (GEM); forgetting: Chaudhry et al. 2018; "
              "learning accuracy: Riemer et al. 2019 (definitions in sleep_jax/eval/matrix.py). "
-             "Final KL: KL(base || model) on general text after the last cycle.", "",
+             "OLD before / after: closed-book accuracy on the wake knowledge before any sleep / "
+             "after the last cycle. Final KL: KL(base || model) on general text after the last "
+             "cycle.", "",
              "| method | cycles | " + " | ".join(h for _, h in SUMMARY) + " |",
              "|---" * (len(SUMMARY) + 2) + "|"]
     for name, e in methods.items():
@@ -219,7 +233,8 @@ def curves_figure(report: Mapping):
         ax.grid(alpha=0.3)
     axes[1].axhline(0.0, color="grey", lw=0.8, ls="--")
     axes[0].set_ylabel("closed-book accuracy")
-    axes[2].set_ylabel("nats per token")
+    axes[2].set_ylabel("closed-book accuracy")
+    axes[3].set_ylabel("nats per token")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
