@@ -574,8 +574,10 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
                       keep_checkpoints=cfg.keep_checkpoints, progress_bar=cfg.progress_bar,
                       log_fn=log_fn)
         model, rehearsal = rh.state.model(), rh.report
+    status = res.status if rehearsal is None or rehearsal["status"] in ("done", "no dreams") \
+        else rehearsal["status"]  # e.g. "preempted" during rehearsal: not a finished sleep
     return SleepResult(model=model, slot=slot, curve=curve, history=history, times=res.times,
-                       status=res.status, message=res.message, rows=rows,
+                       status=status, message=res.message, rows=rows,
                        experts=expert_activity(history, replay.fraction), rehearsal=rehearsal)
 
 
