@@ -24,7 +24,7 @@ LAYERS = {
         "sleep_jax.eval.cycle_report"),
     1: ("sleep_jax.sampling", "sleep_jax.train", "sleep_jax.eval.probes"),
     2: ("sleep_jax.grow", "sleep_jax.distill", "sleep_jax.rl", "sleep_jax.dream",
-        "sleep_jax.dream.generator", "sleep_jax.dream.rehearse"),
+        "sleep_jax.dream.generator", "sleep_jax.dream.noise", "sleep_jax.dream.rehearse"),
     3: ("sleep_jax.sleep", "sleep_jax.cycle", "sleep_jax.plan"),
     4: ("sleep_jax.config", "sleep_jax.cli", "sleep_jax.demo", "sleep_jax.demo_run",
         "sleep_jax.launch_cli", "sleep_jax.cycle_cli"),

@@ -1,6 +1,7 @@
 """Rehearsal (sleep_jax/dream/rehearse.py): dreams about the new memories train the sleep's slot
 further, mixed with replay rows. The mixed batch and the loss against hand-built references;
 the LM loss on the rehearsed dream rows falls while that on control rows does not; and
+routing noise against a per-slot reference;
 `sleep-jax sleep` with a saved generator, end to end on 8 devices: rehearsal runs after seeding,
 only the sleep's slot moves (an earlier sleep's slot, the off slots and every other parameter
 bitwise kept), no probe question enters generation or any rehearsal row, the report holds
@@ -139,6 +140,38 @@ def test_mixed_batch_by_hand_and_the_loss_falls_on_dream_rows_not_on_control_row
     assert drop_dream > 0.3 and drop_dream > drop_control + 0.3, (drop_dream, drop_control)
 
 
+def test_routing_noise_scales_one_drawn_trained_slot_per_token():
+    from sleep_jax.dream.noise import RoutingNoise
+
+    _, model = _slotted(E=3)
+    model, _ = activate_slot(model, None, 2, jax.random.key(4))
+    model = _randomise_slots(model, 0.3, seed=30)  # slots 0 and 2 trained, slot 1 off
+    slots, scale, key = (0, 2), 1.5, jax.random.key(7)
+    noisy = RoutingNoise(model, slots, scale=scale, key=key, max_len=8)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(4, 48, (2, 6)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    got = np.asarray(noisy(tokens, pos)[0])
+    # reference: the drawn slot per (row, position) by the documented rule; in this one-layer
+    # model a token's logits depend on its own gate only, so each equals the model whose drawn
+    # slot's B is scaled by 1 + scale
+    drawn = np.asarray(slots)[np.asarray(jax.random.randint(key, (2, 8), 0, 2))][:, :6]
+    g, params, other = nnx.split(model, nnx.Param, ...)
+    for s in slots:
+        p = jax.tree.map(lambda x: x, params)
+        b = p["blocks"]["expert_b"]
+        b.set_value(b[...].at[:, s].multiply(1 + scale))
+        ref = np.asarray(nnx.merge(g, p, other)(tokens, pos)[0])
+        np.testing.assert_allclose(got[drawn == s], ref[drawn == s], atol=1e-5)
+    assert {0, 2} == set(drawn.ravel().tolist())  # both slots drawn somewhere
+    # one draw per position: a decode step sees the gate the full pass saw
+    np.testing.assert_array_equal(noisy.gate(pos[:, 3:4]), noisy.gate(pos)[:, 3:4])
+    plain = np.asarray(model(tokens, pos)[0])
+    np.testing.assert_array_equal(
+        np.asarray(RoutingNoise(model, (), scale=scale, key=key, max_len=8)(tokens, pos)[0]),
+        plain)  # no trained slot listed: the identity
+    assert np.abs(got - plain).max() > 1e-3
+
+
 def test_sleep_command_rehearses_only_its_slot_and_no_probe_enters_any_row(tmp_path,
                                                                            monkeypatch):
     from sleep_jax.config import default_config_path
@@ -191,7 +224,8 @@ def test_sleep_command_rehearses_only_its_slot_and_no_probe_enters_any_row(tmp_p
             f"--config.sleep.rehearse.generator={gen_dir}", "--config.sleep.rehearse.steps=3",
             "--config.sleep.rehearse.batch_size=6", "--config.sleep.rehearse.replay_fraction=0.34",
             "--config.sleep.rehearse.contexts_per_call=2",
-            "--config.sleep.rehearse.dream.max_dream_tokens=8"]
+            "--config.sleep.rehearse.dream.max_dream_tokens=8",
+            "--config.sleep.rehearse.route_noise=1.0"]
     assert main(args) == 0
     report = json.loads((run / "report.json").read_text())
     rh, d = report["rehearsal"], report["rehearsal"]["dreams"]
@@ -199,6 +233,7 @@ def test_sleep_command_rehearses_only_its_slot_and_no_probe_enters_any_row(tmp_p
         str(gen_dir)
     assert rh["steps"] == 3 and rh["status"] == "done" and rh["slot_change"] > 0
     assert rh["seconds"] > 0 and rh["dream_s"] > 0
+    assert d["noise_slots"] == [0, SLOT]  # routing noise over the trained slots
     assert "Rehearsal: 3 steps" in (run / "report.md").read_text()
     # only slot 1 moved (seeding, then rehearsal); slot 0, the off slot 2 (dreaming's slots
     # were a grown copy's), the mask and every other parameter bitwise as before

@@ -83,6 +83,9 @@ class RehearseConfig:
     dream_template: the dream prompt around the memory ({context}); "" = the one the generator
       was trained with (its config.json).
     temperature / top_k: the generator's sampling (top_k 0: off).
+    route_noise: routing noise while dreaming (``dream.noise``): at every token one of the
+      consolidated model's trained slots (this sleep's included), drawn at random, has its
+      output scaled by 1 + route_noise; 0 (default) turns it off.
     optim: the fresh optimizer of the slot during rehearsal.
     dream: m dreams, keep top-k + b random, the importance score, the dream length
       (``DreamConfig``; its inner-loop and reward fields are not used at sleep).
@@ -98,6 +101,7 @@ class RehearseConfig:
     dream_template: str = ""
     temperature: float = 1.0
     top_k: int = 0
+    route_noise: float = 0.0
     optim: OptimConfig = OptimConfig(lr=1e-2, warmup_steps=5, weight_decay=0.0)
     dream: DreamConfig = DreamConfig()
     seed: int = 0
@@ -112,9 +116,9 @@ class RehearseConfig:
         if int(round(self.replay_fraction * self.batch_size)) >= self.batch_size:
             raise ValueError(f"RehearseConfig.replay_fraction={self.replay_fraction} leaves no "
                              f"dream row in a batch of {self.batch_size}")
-        if self.temperature <= 0 or self.top_k < 0:
-            raise ValueError(f"RehearseConfig temperature={self.temperature} must be > 0 and "
-                             f"top_k={self.top_k} >= 0")
+        if self.temperature <= 0 or self.top_k < 0 or self.route_noise < 0:
+            raise ValueError(f"RehearseConfig temperature={self.temperature} must be > 0, "
+                             f"top_k={self.top_k} and route_noise={self.route_noise} >= 0")
         if self.dream_template and "{context}" not in self.dream_template:
             raise ValueError(f"RehearseConfig.dream_template={self.dream_template!r} must "
                              f"contain {{context}}")
@@ -212,7 +216,8 @@ class Dreams:
     the dropped); copy_share: of the kept dreams, those copying their memory verbatim;
     dropped_probe / dropped_empty: kept dreams left out for containing a probe question or for
     having no token; contexts: memories dreamed about; contexts_dropped: memories left out
-    because their text contains a probe question; prompts: the generation prompts (text).
+    because their text contains a probe question; prompts: the generation prompts (text);
+    noise_slots: the slots routing noise drew from ([] when off).
     """
 
     rows: list[list[int]]
@@ -227,12 +232,13 @@ class Dreams:
     contexts: int = 0
     contexts_dropped: int = 0
     prompts: list[str] = dataclasses.field(default_factory=list)
+    noise_slots: list[int] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> dict:
-        return {k: getattr(self, k) for k in ("kept", "copy_share", "dropped_probe",
-                                               "dropped_empty", "contexts", "contexts_dropped",
-                                               "seconds")} | {"rows": len(self.rows)}
+        keys = ("kept", "copy_share", "dropped_probe", "dropped_empty", "contexts",
+                "contexts_dropped", "noise_slots", "seconds")
+        return {k: getattr(self, k) for k in keys} | {"rows": len(self.rows)}
 
 
 def write_dreams(path: str, dreams: Dreams) -> str:
@@ -289,6 +295,8 @@ def dream_memories(model: nnx.Module, generator, tokenizer, memories, *, cfg: Re
         are dropped.
     """
     from sleep_jax.dream.iteration import DreamBatch, generate_and_select
+    from sleep_jax.dream.noise import RoutingNoise
+    from sleep_jax.grow.experts import used_slots
     from sleep_jax.rl.config import RLConfig
 
     t0 = time.perf_counter()
@@ -311,13 +319,20 @@ def dream_memories(model: nnx.Module, generator, tokenizer, memories, *, cfg: Re
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False).ids
     arr = context_arrays([m.text for m in keep], enc, template=template, bos_id=bos,
                          pad_id=pad, chunk=cfg.contexts_per_call)
+    out.noise_slots = used_slots(model) if cfg.route_noise > 0 else []  # the trained ones
     gen, islot, a0 = dream_model(model, adapter, jax.random.fold_in(rng, 0), mesh=mesh)
     rl = RLConfig(algorithm="grpo", temperature=cfg.temperature, top_k=cfg.top_k)
+    max_len = arr["prompt"].shape[1] + cfg.dream.max_dream_tokens + 1
 
     @jax.jit
     def draw(g, a, batch, key):
+        k_noise, key = jax.random.split(key)
+        policy = None
+        if out.noise_slots:  # routing noise: the sampler only (dream.noise)
+            policy = RoutingNoise(g.model(), out.noise_slots, scale=cfg.route_noise,
+                                  key=k_noise, max_len=max_len)
         _, sel = generate_and_select(g, islot, a, batch, key, cfg=cfg.dream, rl=rl, bos_id=bos,
-                                     eos_id=eos, pad_id=pad)
+                                     eos_id=eos, pad_id=pad, policy=policy)
         return {k: sel[k] for k in ("tokens", "mask", "scores", "keep", "copies")}
 
     C = cfg.contexts_per_call
