@@ -4,7 +4,9 @@
 Sections (each the frozen dataclass beside the code that uses it):
   sleep    sleep_jax.sleep.SleepConfig: student (next free expert slot of ``slots`` pre-allocated
            ones, rank, router, or a full fine-tune), optimizer (``sleep.optim``: AdamW + warmup
-           + cosine + clipping, the demo's settings), prompt source, budget, checkpoint cadence
+           + cosine + clipping, the demo's settings), prompt source, budget, checkpoint cadence;
+           ``sleep.rehearse`` (dream.rehearse.RehearseConfig): dreaming after seeding, on when
+           ``--config.sleep.rehearse.generator=DIR`` names a ``sleep-jax dream`` model/ folder
   replay   sleep_jax.sleep.ReplayConfig: share of each batch and source of the replay rows
   seeding  sleep_jax.distill.seeding.SeedingConfig: divergence, lambda, alpha, completion length
            M, Learning-to-Imitate options (its GRPO settings derive from these)

@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from sleep_jax.distill import seeding
+from sleep_jax.dream.rehearse import RehearseConfig
 from sleep_jax.train.optim import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,10 @@ class SleepConfig:
     eval_every: the caller's eval callback every this many steps (and at the end).
     log_every / checkpoint_every / keep_checkpoints: the run loop (checkpoints with a workdir).
     eval_tokens / prompt_format: probe evaluation (greedy tokens, how a question is asked).
+    rehearse: dreaming after consolidation (``dream.rehearse.RehearseConfig``; off while its
+      ``generator`` is ""): the trained generator dreams about the memories and the kept
+      dreams train this sleep's slot further, mixed with the sleep's replay rows (needs
+      ``expert=True`` and the seeding objective).
     """
 
     steps: int = 200
@@ -132,8 +137,14 @@ class SleepConfig:
     progress_bar: bool = True
     eval_tokens: int = 8
     prompt_format: str = DEFAULT_FORMAT
+    rehearse: RehearseConfig = RehearseConfig()
 
     def __post_init__(self):
+        if self.rehearse.enabled and (not self.expert or self.objective != "seeding"):
+            raise ValueError(f"SleepConfig.rehearse.generator={self.rehearse.generator!r} "
+                             f"trains the sleep's expert slot after seeding: it needs "
+                             f"expert=True and objective='seeding' (got expert={self.expert}, "
+                             f"objective={self.objective!r})")
         if self.prompts not in PROMPT_SOURCES:
             raise ValueError(f"SleepConfig.prompts={self.prompts!r}; allowed: {PROMPT_SOURCES}")
         if self.objective not in OBJECTIVES:
@@ -429,6 +440,7 @@ class SleepResult:
     message: str
     rows: Rows | None
     experts: dict  # expert activity per row kind over the last tenth of the steps
+    rehearsal: dict | None = None  # dream.rehearse's report when cfg.rehearse is on
 
     @property
     def step_s(self) -> float:
@@ -562,10 +574,23 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
     curve += [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval/")}}
               for r in history if any(k.startswith("eval/") for k in r)]
     curve = [{k.removeprefix("eval/"): v for k, v in c.items()} for c in curve]
-    model = res.state.model()
+    model, rehearsal = res.state.model(), None
+    if cfg.rehearse.enabled and res.status == "done":  # dreaming, after consolidation
+        from sleep_jax.dream.rehearse import rehearse
+
+        rh = rehearse(res.state, teacher, tokenizer, memories, [p for _, p in rows.replay],
+                      cfg=cfg.rehearse, seeding_cfg=seeding_cfg, tokens=tokens,
+                      probe_questions=probe_questions, mesh=mesh,
+                      workdir=None if workdir is None else os.path.join(workdir, "rehearse"),
+                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                      keep_checkpoints=cfg.keep_checkpoints, progress_bar=cfg.progress_bar,
+                      log_fn=log_fn)
+        model, rehearsal = rh.state.model(), rh.report
+    status = res.status if rehearsal is None or rehearsal["status"] in ("done", "no dreams") \
+        else rehearsal["status"]  # e.g. "preempted" during rehearsal: not a finished sleep
     return SleepResult(model=model, slot=slot, curve=curve, history=history, times=res.times,
-                       status=res.status, message=res.message, rows=rows,
-                       experts=expert_activity(history, replay.fraction))
+                       status=status, message=res.message, rows=rows,
+                       experts=expert_activity(history, replay.fraction), rehearsal=rehearsal)
 
 
 def expert_activity(history: Sequence[dict], replay_fraction: float) -> dict:
@@ -641,6 +666,7 @@ def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, 
               "steps": cfg.steps, "status": res.status,
               "step_s": res.step_s if len(res.times) > 3 else None,
               "configs": configs, "checkpoint": os.path.abspath(checkpoint),
+              "rehearsal": res.rehearsal,
               "predictions_after": scores["after"]["predictions"]}
     write_json(os.path.join(workdir, "report.json"), report)
     lines = ["# Sleep report", "", f"Expert slot {res.slot}." if res.slot is not None else
@@ -651,5 +677,11 @@ def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, 
     lines += ["", f"{len(res.rows.seeding)} seeding prompts ({res.rows.dropped} dropped for "
               f"overlapping a probe), {len(res.rows.replay)} replay prompts "
               f"({res.rows.earlier} from earlier sleeps), {cfg.steps} steps.", ""]
+    if res.rehearsal is not None:
+        rh, d = res.rehearsal, res.rehearsal["dreams"]
+        lines += [f"Rehearsal: {rh['steps']} steps ({rh['status']}) on {d['rows']} dreams "
+                  f"({d['kept']} kept, copy share {d['copy_share']:.2f}, {d['dropped_probe']} "
+                  f"dropped for a probe question) and {rh['replay_rows']} replay rows, "
+                  f"{rh['seconds']:.1f} s.", ""]
     write_text(os.path.join(workdir, "report.md"), "\n".join(lines))
     return report

@@ -37,9 +37,10 @@ from sleep_jax.config import (
     parse_command,
     write_run_config,
 )
-from sleep_jax.train.optim import OptimConfig
 
-GENERATOR_FILE = "dream_generator.npz"  # beside the model: the generator adapter's leaves
+# the saved generator's format lives in dream/generator.py (the sleep pipeline reads it too)
+from sleep_jax.dream.generator import GENERATOR_FILE, read_generator, save_generator  # noqa: F401
+from sleep_jax.train.optim import OptimConfig
 
 FLAGS = (Flag("checkpoint", help="checkpoint directory (with tokenizer.json)", required=True),
          Flag("tasks", help='JSONL {"id", "context", "questions": [{"question", "answers", '
@@ -136,38 +137,6 @@ def prepare_model(base, run: DreamRunConfig, rng):
     model, _ = activate_slot(model, None, gen_slot, k_gen, std=run.gen_slot_std)
     model, _ = activate_slot(model, None, inner_slot, k_inner)
     return model, gen_slot, inner_slot
-
-
-def save_generator(directory: str, params) -> str:
-    """The generator adapter's leaves as ``directory/GENERATOR_FILE`` (npz, keys the leaf
-    paths); returns the path."""
-    import numpy as np
-
-    from sleep_jax.atomic import atomic_open
-
-    arrays = {k: np.asarray(v[...]) for k, v in params.items()}
-    path = os.path.join(directory, GENERATOR_FILE)
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **arrays)
-    return path
-
-
-def read_generator(directory: str):
-    """(model, generator AdapterState-ready adapter dict {leaf path: array}, dream meta) of a
-    checkpoint written by ``sleep-jax dream``."""
-    import numpy as np
-
-    from sleep_jax.models.checkpoint_dir import load_checkpoint
-
-    model, tok, meta = load_checkpoint(directory)
-    info = meta.get("extra", {}).get("dream")
-    path = os.path.join(os.fspath(directory), GENERATOR_FILE)
-    if info is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory!r} holds no dream generator (expected "
-                                f"{GENERATOR_FILE} and extra.dream in config.json)")
-    with np.load(path) as z:
-        adapter = {k: z[k] for k in z.files}
-    return model, tok, adapter, info
 
 
 def main(argv: list[str] | None = None) -> int:

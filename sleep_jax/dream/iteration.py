@@ -27,7 +27,8 @@ For Nc contexts (``DreamBatch``):
    (the top-k are not a sample of the generator), so the generator is pushed towards dreams
    that are both kept and rewarded, and the b random ones alone would be unbiased.
 
-Routing noise (the paper's random extra expert while dreaming) is not implemented here.
+Routing noise (the paper's random extra expert while dreaming) is ``noise.RoutingNoise``,
+passed to ``generate_and_select`` as the sampling policy (rehearsal at sleep uses it).
 
 Data discipline: in training every input (the dream prompts around C, C, tau) comes from TASK
 entities and the "task" wording (``tau.world_tau``); no evaluation or validation wording enters
@@ -155,8 +156,12 @@ def frame(tokens_bm, mask_bm, bos_id: int | None):
 
 def generate_and_select(gen: AdapterState, inner_slot, adapter0, batch: DreamBatch, rng, *,
                         cfg: DreamConfig, rl: RLConfig, bos_id: int | None,
-                        eos_id: int | None, pad_id: int = 0) -> tuple[Rollout, dict]:
+                        eos_id: int | None, pad_id: int = 0, policy=None
+                        ) -> tuple[Rollout, dict]:
     """Steps 1-2 (pure): m dreams per context, scored and the k + b kept.
+
+    ``policy`` is the model that samples the dreams (default ``gen.model()``; e.g.
+    ``noise.RoutingNoise`` around it); selection always uses the generator's frozen model.
 
     Returns (rollout of Nc*m rows, out) with out: "tokens" [Nc,m,Mx], "mask" [Nc,m,Mx] (the
     dreams, unframed), "scores" [Nc,m], "keep" [Nc,k+b] (indices into the m dreams), "copies"
@@ -166,8 +171,8 @@ def generate_and_select(gen: AdapterState, inner_slot, adapter0, batch: DreamBat
     m = cfg.dreams
     rl_g = _rl_config(rl, cfg, m)
     k_gen, k_sel = jax.random.split(rng)
-    rollout = sample_rollout(gen.model(), None, batch.prompt, batch.prompt_len, k_gen, cfg=rl_g,
-                             eos_id=eos_id, pad_id=pad_id)
+    rollout = sample_rollout(gen.model() if policy is None else policy, None, batch.prompt,
+                             batch.prompt_len, k_gen, cfg=rl_g, eos_id=eos_id, pad_id=pad_id)
     Nc = batch.prompt.shape[0]
     toks = rollout.completion.reshape(Nc, m, -1)
     mask = rollout.mask.reshape(Nc, m, -1)
