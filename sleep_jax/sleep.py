@@ -264,9 +264,12 @@ def seeding_rows(tokenizer, memories, *, cfg: SleepConfig, replay: ReplayConfig,
                              "seeding replays 'prompts' or 'samples'")
     n_earlier = 0
     if replay.fraction > 0 and replay.earlier_sleeps:
-        for r in earlier:
-            rep.append(([], enc(r["prompt"])))
-            n_earlier += 1
+        ps = [r["prompt"] for r in earlier]
+        if probe_questions:  # an earlier sleep saw other probes: check against these too
+            ps, d = drop_probe_overlap(ps, list(probe_questions))
+            dropped += d
+        rep += [([], enc(p)) for p in ps]
+        n_earlier = len(ps)
     return Rows(rows, rep, records, dropped, n_earlier)
 
 

@@ -201,3 +201,20 @@ def test_cycle_demo_cli_checks_before_any_work(tmp_path, capsys):
     assert main(["--workdir", str(w)]) == 2  # the file mode needs its inputs
     assert "missing --checkpoint, --memories, --probes" in capsys.readouterr().err
     assert not w.exists()
+
+
+def test_earlier_sleeps_prompts_that_hold_a_probe_question_are_not_replayed():
+    from sleep_jax.sleep import seeding_rows
+
+    cfg = SleepConfig(prompts="given")
+    earlier = [{"sleep": 0, "slot": 0, "memory_id": "a", "prompt": "Where does N1 live ? x"},
+               {"sleep": 0, "slot": 0, "memory_id": "a", "prompt": "n1 works as"}]
+    rows = seeding_rows(_Tok(), [Memory("b", "n2 lives in c2 .")], cfg=cfg,
+                        replay=ReplayConfig(fraction=0.5, source="prompts"),
+                        prompts={"b": ["n2 lives in", "where does n2 live ?"]},
+                        replay_prompts=["r"], earlier=earlier,
+                        probe_questions=["where does n1 live ?", "where does n2 live ?"])
+    enc = lambda s: _Tok().encode(s).ids
+    assert rows.seeding == [(enc("n2 lives in c2 . "), enc("n2 lives in"))]
+    assert rows.replay == [([], enc("r")), ([], enc("n1 works as"))]
+    assert rows.dropped == 2 and rows.earlier == 1
