@@ -18,7 +18,8 @@ demo's (``sleep_jax.demo_run.method_plan``).
 Presets: the default (a 200-step sleep per cycle), ``quick`` (20 steps, a smoke run),
 ``demo`` (10 cycles of 3 NEW memories, 60 steps per sleep: sleep beside seeding without
 growth and SFT with replay; reuses the demo's base when ``sleep-jax demo`` wrote one with the
-same settings, else trains it), ``demo_full`` (as demo, plus the in-context-only baseline).
+same settings, else trains it), ``demo_full`` (as demo, plus SFT with replay and an L2-SP
+pull, and the in-context-only baseline).
 """
 
 import ml_collections
@@ -34,7 +35,8 @@ _PRESETS = {
 }
 _DEMO_PRESETS = {
     "demo": {},
-    "demo_full": dict(methods=("sleep", "seed_full", "sft_replay", "in_context")),
+    "demo_full": dict(methods=("sleep", "seed_full", "sft_replay", "sft_l2_replay",
+                               "in_context")),
 }
 ALL = tuple(_PRESETS) + tuple(_DEMO_PRESETS)
 

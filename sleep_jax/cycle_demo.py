@@ -18,6 +18,8 @@ Methods (``cycle_demo.methods``; the demo's table, ``sleep_jax.demo.METHODS``, p
   seed_full    the same seeding and replay into the full model (seeding without growth)
   sft_replay   SFT of the full model on the passages + replay of the wake mixture and of every
                earlier cycle's passages
+  sft_l2_replay  as sft_replay with an L2-SP pull toward the pre-sleep weights (the
+               regularisation baseline, in place of EWC; ``demo.l2_pull``)
   in_context   nothing trained: the store of the last ``cycle.store_size`` memories in context
 The base: ``cycle_demo.base`` (default the demo's ``runs/demo/seed0/base``) is reused when it
 was trained by ``sleep-jax demo`` with the same world and base settings; otherwise the base is
@@ -38,7 +40,7 @@ from sleep_jax.data.jsonl import Memory, Probe
 
 log = logging.getLogger("sleep_jax.cycle")
 
-METHODS = ("sleep", "seed_full", "sft_replay", "in_context")
+METHODS = ("sleep", "seed_full", "sft_replay", "sft_l2_replay", "in_context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,9 @@ class CycleDemoConfig:
       sentences (other seeds than the KL texts). Each sleep's teacher is the previous cycle's
       model reading a memory, so the reading skill must be kept along with the OLD facts.
     base: a demo base checkpoint to reuse when it matches ("" : always train).
+    wordings: the held-out wordings every set (and OLD) is measured in: the test wordings
+      ("near", "far": the reported figures) or the validation ones ("val_near", "val_far":
+      for choosing settings, never reported as results).
     """
 
     memories: int = 30
@@ -67,12 +72,16 @@ class CycleDemoConfig:
     replay_general: int = 200
     methods: tuple[str, ...] = ("sleep", "seed_full", "sft_replay")
     base: str = "runs/demo/seed0/base"
+    wordings: tuple[str, ...] = ("near", "far")
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"cycle_demo.methods={self.methods!r}: unknown {bad}; allowed: "
                              f"{METHODS}")
+        if tuple(self.wordings) not in (("near", "far"), ("val_near", "val_far")):
+            raise ValueError(f"cycle_demo.wordings={self.wordings!r}; allowed: ('near', "
+                             "'far') (test) or ('val_near', 'val_far') (validation)")
         for name in ("memories", "steps", "batch_size", "slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"cycle_demo.{name}={getattr(self, name)} must be >= 1")
@@ -87,10 +96,10 @@ def stream(world: worldlib.World, cd: CycleDemoConfig):
     ents = new[:cd.memories]
     keep = {e.id for e in ents}
     memories = [Memory(e.id, worldlib.passage(e)) for e in ents]
-    probes = [Probe(q.memory_id, q.question, (q.answer,)) for w in demo_run.TEST_WORDINGS
+    probes = [Probe(q.memory_id, q.question, (q.answer,)) for w in cd.wordings
               for q in world.qa("new", w) if q.memory_id in keep]
     old_keep = {e.id for e in world.entities("old")[:cd.old_entities]}
-    old_probes = [Probe(q.memory_id, q.question, (q.answer,)) for w in demo_run.TEST_WORDINGS
+    old_probes = [Probe(q.memory_id, q.question, (q.answer,)) for w in cd.wordings
                   for q in world.qa("old", w) if q.memory_id in old_keep]
     replay = [p for e in world.entities("old") for p in demo_run.entity_prompts(e)]
     if cd.replay_reading:  # the skill the next sleep's teacher reads the memories with

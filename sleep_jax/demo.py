@@ -73,6 +73,7 @@ class DemoConfig:
     gate_l1: float = 0.02  # gated methods: cost of the router's mean gate
     expert_l1: float = 0.1  # sparse methods: cost of the expert output's RMS per token
     imitation_alpha: float = 0.5  # sleep_imitate: alpha * GKD + (1 - alpha) * imitation
+    l2_pull: float = 1.0  # sft_l2_replay: L2-SP strength toward the pre-sleep weights
     sft_seq_len: int = 40  # SFT rows: one passage each (<= 35 tokens); replayed wake rows are
     # packed to this length (longer reading-comprehension items are cut)
     # evaluation and checkpoint selection (validation wordings only)
@@ -87,6 +88,8 @@ class DemoConfig:
 METHODS = {
     "sft": "fine-tune on the NEW passages (LM loss), full model",
     "sft_replay": "SFT on the NEW passages + replay of the wake training mixture, full model",
+    "sft_l2_replay": "as sft_replay with an L2-SP pull toward the pre-sleep weights (the "
+                     "classic regularisation baseline; l2_pull)",
     "sft_slot_replay": "SFT into a new expert slot of the grown model + replay of the wake "
                        "mixture (growth without distillation)",
     "opsd": "on-policy self-distillation (OPSD): the live weights reading the memory teach "

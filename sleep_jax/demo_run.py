@@ -147,10 +147,12 @@ def grow_student(ctx: Ctx, base: nnx.Module, rng, router: bool = False
 # What each demo method is made of (descriptions in ``sleep_jax.demo.METHODS``): grow an expert
 # slot (else train the whole model), give it a router, replay "full" / "low" / "none", and the
 # seeding options it turns on ("sft": LM loss on the passages instead of seeding, replaying the
-# wake mixture; "teacher": "self" for OPSD; "lam": the on-policy fraction).
+# wake mixture; "l2": an L2-SP pull toward the pre-sleep weights; "teacher": "self" for OPSD;
+# "lam": the on-policy fraction).
 METHOD_PARTS = {
     "sft": dict(expert=False, replay="none", sft=True),
     "sft_replay": dict(expert=False, sft=True),
+    "sft_l2_replay": dict(expert=False, sft=True, l2=True),
     "sft_slot_replay": dict(sft=True),
     "opsd": dict(expert=False, replay="none", teacher="self", lam=1.0),
     "opsd_frozen": dict(expert=False, replay="none", lam=1.0),
@@ -193,11 +195,13 @@ def method_plan(cfg, method: str) -> MethodPlan:
             expert_l1=cfg.expert_l1 if parts.get("expert_l1") else 0.0,
             alpha=cfg.imitation_alpha if parts.get("imitation") else 1.0,
             teacher=parts.get("teacher", "frozen"), lam=parts.get("lam", 0.5))
-    opt = lambda lr: OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.0)
+    opt = lambda lr, pull=0.0: OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.0,
+                                           pull_to_init=pull)
     sleep_cfg = SleepConfig(
         steps=cfg.sleep_steps, batch_size=cfg.sleep_batch, expert=parts["expert"], slots=1,
         rank=cfg.expert_rank, router=parts["router"], optim=opt(cfg.expert_lr),
-        full_optim=opt(cfg.full_lr), prompts="given", memory_separator="",
+        full_optim=opt(cfg.full_lr, cfg.l2_pull if parts.get("l2") else 0.0),
+        prompts="given", memory_separator="",
         objective="sft" if parts.get("sft") else "seeding", sft_seq_len=cfg.sft_seq_len,
         seed=cfg.seed, eval_every=cfg.eval_every, checkpoint_every=0)
     source = "texts" if parts.get("sft") else "prompts"

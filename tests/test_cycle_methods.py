@@ -165,6 +165,13 @@ def test_demo_stream_keeps_held_out_wordings_out_of_training():
     assert held_out and not [p for p in trained if any(q in p for q in held_out)]
     with pytest.raises(ValueError, match="memories=10 > the world's 9 NEW"):
         cycle_demo.stream(world, cycle_demo.CycleDemoConfig(memories=10))
+    val = cycle_demo.stream(world, cycle_demo.CycleDemoConfig(
+        memories=6, wordings=("val_near", "val_far")))[1]
+    assert {p.question for p in val} == {q.question for w in ("val_near", "val_far")
+                                         for q in world.qa("new", w) if q.memory_id in
+                                         {m.id for m in memories}}
+    with pytest.raises(ValueError, match="wordings=\\('train',\\)"):
+        cycle_demo.CycleDemoConfig(wordings=("train",))
     with pytest.raises(ValueError, match="unknown \\['sft'\\]"):
         cycle_demo.CycleDemoConfig(methods=("sleep", "sft"))
 

@@ -63,6 +63,8 @@ def test_every_method_plans_a_valid_sleep():
     assert method_plan(cfg, "opsd").seeding.teacher == "self"
     assert method_plan(cfg, "sleep_gated").sleep.router
     assert not method_plan(cfg, "seed_full").sleep.expert
+    assert method_plan(cfg, "sft_l2_replay").sleep.full_optim.pull_to_init == cfg.l2_pull > 0
+    assert method_plan(cfg, "sft_replay").sleep.full_optim.pull_to_init == 0
 
 
 def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
