@@ -4,7 +4,7 @@
     1 sampling train/ eval/probes                                  (forward passes, updates)
     2 grow/ distill/ rl/ dream/                                    (the method's parts)
     3 sleep cycle plan/                                            (pipeline, cycles, plans)
-    4 config cli demo demo_run launch_cli cycle_cli */cli.py       (commands)
+    4 config cli demo demo_run launch_cli cycle_cli cycle_demo */cli.py  (commands)
 
 A new module must be placed here; distill/ never imports the concrete decoder (it reads the
 model protocol's capabilities instead).
@@ -27,7 +27,7 @@ LAYERS = {
         "sleep_jax.dream.generator", "sleep_jax.dream.noise", "sleep_jax.dream.rehearse"),
     3: ("sleep_jax.sleep", "sleep_jax.cycle", "sleep_jax.plan"),
     4: ("sleep_jax.config", "sleep_jax.cli", "sleep_jax.demo", "sleep_jax.demo_run",
-        "sleep_jax.launch_cli", "sleep_jax.cycle_cli"),
+        "sleep_jax.launch_cli", "sleep_jax.cycle_cli", "sleep_jax.cycle_demo"),
 }
 
 
