@@ -7,9 +7,9 @@ context, ``DemoConfig.rc_max_passages``). Each set is measured closed-book on it
 wordings (near + far) after every cycle; OLD retention on the first ``cycle_demo.old_entities``
 OLD entities in the same wordings. Every method gets the same steps and batch rows per cycle;
 seeding prompts are TRAIN-wording questions and seeding continuations (``demo_run.
-entity_prompts``), as in the demo's sleep; replay prompts are OLD questions in TRAIN wordings,
-one-passage reading-comprehension prompts on fresh entities and general sentences; no
-held-out wording enters training.
+entity_prompts``), as in the demo's sleep; replay prompts are OLD questions in TRAIN wordings
+(optionally also reading-comprehension prompts and general sentences); no held-out wording
+enters training.
 
 Methods (``cycle_demo.methods``; the demo's table, ``sleep_jax.demo.METHODS``, plus
 ``in_context``):
@@ -55,8 +55,10 @@ class CycleDemoConfig:
     old_entities: OLD entities measured after every cycle (held-out wordings).
     replay_reading / replay_general: replay prompts besides the OLD questions: one-passage
       reading-comprehension prompts on fresh entities (TRAIN wordings, no answer) and general
-      sentences (other seeds than the KL texts). Each sleep's teacher is the previous cycle's
-      model reading a memory, so the reading skill must be kept along with the OLD facts.
+      sentences (other seeds than the KL texts), meant to keep the reading skill the next
+      sleep's teacher needs. Off by default: on validation wordings (4 cycles, docs/LOG.md
+      2026-12-01 fourth session) 600 + 200 of them doubled the step time and tripled KL to
+      the base without a better learning or OLD figure.
     base: a demo base checkpoint to reuse when it matches ("" : always train).
     wordings: the held-out wordings every set (and OLD) is measured in: the test wordings
       ("near", "far": the reported figures) or the validation ones ("val_near", "val_far":
@@ -68,8 +70,8 @@ class CycleDemoConfig:
     batch_size: int = 32
     slots: int = 4
     old_entities: int = 30
-    replay_reading: int = 600
-    replay_general: int = 200
+    replay_reading: int = 0
+    replay_general: int = 0
     methods: tuple[str, ...] = ("sleep", "seed_full", "sft_replay")
     base: str = "runs/demo/seed0/base"
     wordings: tuple[str, ...] = ("near", "far")
