@@ -52,7 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         from sleep_jax.demo import DemoConfig
 
         config.cycle = section(CycleConfig, sleep_every=3, store_size=3, kl_texts=200)
-        config.demo = section(DemoConfig)
+        # replay 0.75 (the demo's 0.5 elsewhere): chosen on validation wordings over 4 cycles
+        # (docs/LOG.md 2026-12-01, fourth session); every method gets the same share
+        config.demo = section(DemoConfig, replay_fraction=0.75)
         config.cycle_demo = section(CycleDemoConfig, **_DEMO_PRESETS[name])
         config.progress_bar = True
         return config
