@@ -225,3 +225,33 @@ def test_earlier_sleeps_prompts_that_hold_a_probe_question_are_not_replayed():
     assert rows.seeding == [(enc("n2 lives in c2 . "), enc("n2 lives in"))]
     assert rows.replay == [([], enc("r")), ([], enc("n1 works as"))]
     assert rows.dropped == 2 and rows.earlier == 1
+
+
+def test_sft_batches_with_replay_resume_from_their_state(stream):
+    """ConcatBatches (memory rows + packed wake rows) restored from get_state continues with
+    exactly the batches an uninterrupted iterator gives."""
+    from sleep_jax.models.checkpoint_dir import load_checkpoint
+    from sleep_jax.sleep import ConcatBatches, sft_batches
+
+    base_dir, memories, _, _ = stream
+    tok = load_checkpoint(base_dir)[1]
+    cfg = SleepConfig(batch_size=4, sft_seq_len=8, expert=False, objective="sft")
+    make = lambda: sft_batches(memories, tok, cfg=cfg, replay=ReplayConfig(
+        fraction=0.5, source="texts"), replay_texts=["n9 lives in c1 ."] * 3 + [
+        "where does n9 live ? c1"], seed=3)
+    it = make()
+    assert isinstance(it, ConcatBatches)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(4)]
+    again = make()
+    again.set_state(state)
+    got = [next(again) for _ in range(4)]
+    fresh = make()
+    start = [next(fresh) for _ in range(4)]  # what a restore that did nothing would give
+    assert any(not np.array_equal(w["inputs"], s["inputs"]) for w, s in zip(want, start))
+    for w, g in zip(want, got):
+        assert w.keys() == g.keys() and w["inputs"].shape == (4, 8)
+        for k in w:
+            np.testing.assert_array_equal(w[k], g[k], err_msg=k)
