@@ -160,6 +160,10 @@ def parse(argv: list[str]) -> tuple[list[DemoConfig] | None, str]:
     if config.rows not in ROWS:
         raise ConfigError(f"rows={config.rows!r}; allowed: {', '.join(ROWS)}")
     if config.rows == "full":
+        if tuple(cfg.methods) != DemoConfig().methods:
+            raise ConfigError(f"rows='full' runs every baseline ({', '.join(FULL_ROWS)}) and "
+                              f"would ignore demo.methods={tuple(cfg.methods)!r}: set one of "
+                              "the two")
         cfg = dataclasses.replace(cfg, methods=FULL_ROWS)
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown or not cfg.methods:

@@ -73,6 +73,9 @@ def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
     assert "unknown method(s) ['slepe']" in capsys.readouterr().err
     assert main(["--workdir", str(out), "--config.demo.sleep_stpes=5"]) == 2
     assert "unknown config key in --config.demo.sleep_stpes" in capsys.readouterr().err
+    assert main(["--workdir", str(out), "--config.rows=full",
+                 "--config.demo.methods=('sleep',)"]) == 2
+    assert "would ignore demo.methods=('sleep',)" in capsys.readouterr().err
     assert main(["--workdir", str(out), "--config.seeds=0"]) == 2
     assert "seeds=0 must be >= 1" in capsys.readouterr().err
     assert main(["--workdir", str(out), "--config.demo.store_size=0"]) == 2
