@@ -16,6 +16,10 @@
    write DIR/report.json, DIR/report.md, DIR/metrics.jsonl, checkpoints DIR/train (re-running
    resumes) and the grown checkpoint DIR/model (with DIR/model/sleep_prompts.jsonl), which a
    later ``sleep-jax sleep --checkpoint DIR/model`` sleeps on into its next free slot.
+
+Many processes (``sleep-jax launch --nproc 2 -- sleep-jax sleep ...``, the launch/ scripts, or
+the runtime flags): every process runs the same sleep over the mesh of all their devices;
+process 0 alone writes the files (every process writes its shards of the checkpoints).
 """
 
 from __future__ import annotations
