@@ -3,10 +3,11 @@
 usage: python tests/steps_worker.py OUT.npz [--mesh fsdp=2]
 Joins the other processes (``runtime.initialize``: the environment of ``sleep-jax launch``;
 none: one process), builds the same tiny teacher, grown student and global batches on every
-process, each process feeding only its rows (``runtime.process_rows`` + ``global_batch``), then
-runs one ``seeding.make_seeding_step`` step (lambda-mix sampling, aligned divergence, masked
-update of an AdapterState) and one GRPO update (``rl.update.make_update``; the rollout's
-log-probs and group advantages computed on device from the global rows). Every result is read
+process, each process feeding only its rows (``runtime.shard_rows``, ``process_rows`` +
+``global_batch``), then runs one ``seeding.make_seeding_step`` step (lambda-mix sampling,
+aligned divergence, masked update of an AdapterState) and one GRPO update
+(``rl.update.make_update``; the rollout's log-probs and group advantages computed on device
+from the global rows). Every result is read
 through ``runtime.host_read`` on every process; process 0 alone writes OUT.npz: the metrics
 (``seed_metric/<name>``, ``grpo_metric/<name>``), the updated parameters (``seed/<path>``,
 ``grpo/<path>``; ``grpo_before/<path>`` the policy before its update) and the rows each
@@ -76,8 +77,11 @@ def main() -> int:
                             for _ in range(n)]
     host_batch = seeding.make_batch(mk(8, 3, 9), mk(8, 2, 6), bos_id=1, teacher_len=16,
                                     student_len=8)
-    batch = seeding.SeedingBatch(*(rows_of(np.asarray(x), f"seed{i}")
-                                   for i, x in enumerate(host_batch)))
+    batch = runtime.shard_rows(host_batch, mesh)  # what the seeding step does with a host batch
+    for i, x in enumerate(batch):
+        idx = [s.index[0] for s in x.addressable_shards]
+        out[f"rows/seed{i}/{jax.process_index()}"] = np.unique(np.concatenate(
+            [np.arange(x.shape[0])[ix] for ix in idx]))
     state = create_adapter_state(student, 0, optax.sgd(1.0))  # linear in the gradient
     step = seeding.make_seeding_step(seeding.SeedingConfig(max_new_tokens=3), state, mesh,
                                      eos_id=2)

@@ -1,6 +1,6 @@
 """Many processes, preempted: SIGTERM to ``sleep-jax launch`` running a 2-process ``sleep-jax
 train`` makes both processes save one checkpoint at one step (jax's preemption sync point) and
-exit 0; the run then resumes from that step on one process."""
+exit 0; the same command then resumes from that step."""
 
 import json
 import os
@@ -59,10 +59,9 @@ def test_sigterm_to_a_two_process_train_saves_one_checkpoint_and_resumes(tmp_pat
     assert 3 <= step < 100000 and Checkpointer(os.path.join(w, "train")).latest_step() == step
     assert [r["step"] for r in _metrics(w)] == list(range(1, step + 1))
 
-    r = subprocess.run([PY, "-m", "sleep_jax.cli", *TRAIN, "--workdir", w,
-                        f"--config.train.steps={step + 2}", "--allow_config_change"],
-                       capture_output=True, text=True, timeout=240, cwd=ROOT,
-                       env=dict(env, JAX_NUM_CPU_DEVICES="2"))
+    # the same command again resumes (its programs come from the compilation cache)
+    r = subprocess.run([*cmd[:-1], f"--config.train.steps={step + 2}", "--allow_config_change"],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "resumed from" in r.stderr + r.stdout and f"at step {step}\n" in r.stderr + r.stdout
     recs = _metrics(w)
