@@ -13,7 +13,8 @@ Sections (each the frozen dataclass beside the code that uses it):
   mesh     the student's mesh (e.g. "fsdp=-1", "data=2,fsdp=-1", "fsdp=2,tensor=4"; default
            all devices): the model is grown straight onto it
   teacher_mesh  the teacher's layout over the same devices ("" = the student's mesh)
-One process for now (many processes: sleep_jax.runtime wires `train` so far).
+Many processes: every process runs the same command (``sleep-jax launch --nproc N -- sleep-jax
+sleep ...`` or a launch/ script); process 0 writes the files.
 Presets: the default, and ``quick`` (20 steps, a smoke run).
 """
 

@@ -311,6 +311,26 @@ def shard_batch(batch: dict, mesh: Mesh, spec) -> dict:
     return global_batch({k: np.asarray(v)[rows] for k, v in batch.items()}, mesh, spec, b)
 
 
+def shard_rows(tree, mesh: Mesh, rules=None):
+    """A pytree of [B, ...] host arrays (one global batch, the same on every process, e.g. a
+    ``seeding.SeedingBatch``) as global jax.Arrays with B over the mesh's batch axes
+    (``mesh.batch_sharding``; a B they do not divide is replicated), this process placing only
+    its ``process_rows``. jax.Array leaves (already placed) and 0-d leaves are kept as they are.
+    """
+    from sleep_jax.mesh import RULES, batch_sharding
+
+    def one(x):
+        if isinstance(x, jax.Array) or np.ndim(x) == 0:
+            return x
+        x = np.asarray(x)
+        b = x.shape[0]
+        sh = batch_sharding(mesh, x.ndim, b, RULES if rules is None else rules)
+        rows = process_rows(b, mesh, sh, x.ndim)
+        return global_batch(x if len(rows) == b else x[rows], mesh, sh, b)
+
+    return jax.tree.map(one, tree)
+
+
 class ShardedBatches:
     """An iterator of global batches over ``it`` (global numpy batches, computed alike on
     every process), each process feeding only its rows (``shard_batch``).

@@ -282,7 +282,9 @@ def sample_replay_prompts(model, *, replay: ReplayConfig, bos_id: int, eos_id: i
     out = generate(model, np.full((n, 1), bos_id, np.int32), np.ones(n, np.int32), rng,
                    max_new_tokens=replay.sample_tokens, temperature=1.0, eos_id=eos_id,
                    pad_id=pad_id)
-    toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+    from sleep_jax.runtime import host_read
+
+    toks, lens = host_read((out.tokens, out.lengths))  # also when they span processes
     return [[int(t) for t in toks[i, :max(1, min(int(lens[i]) - 1, replay.prefix_tokens))]]
             for i in range(n) if lens[i] > 1]
 
@@ -639,6 +641,7 @@ def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, 
     Returns the report."""
     from sleep_jax.atomic import write_json, write_text
     from sleep_jax.models.checkpoint_dir import save_checkpoint
+    from sleep_jax.runtime import is_writer
 
     if cfg.objective != "seeding":
         raise ValueError(f"sleep_checkpoint seeds memories; objective={cfg.objective!r}")
@@ -656,9 +659,10 @@ def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, 
     sleeps = list(meta.get("extra", {}).get("sleeps", []))
     sleeps.append({"slot": res.slot, "memories": len(memories), "configs": configs})
     model_dir = os.path.join(workdir, "model")
-    save_checkpoint(model_dir, res.model, tokenizer, tokens=tokens,
+    save_checkpoint(model_dir, res.model, tokenizer, tokens=tokens,  # every process: shards
                     extra={"grown_from": os.path.abspath(checkpoint), "sleeps": sleeps})
-    write_sleep_prompts(model_dir, list(earlier) + res.rows.records)
+    if is_writer():  # many processes: process 0 writes the files below
+        write_sleep_prompts(model_dir, list(earlier) + res.rows.records)
     strip = lambda s: {k: v for k, v in s.items() if k != "predictions"}
     report = {"before": strip(scores["before"]), "after": strip(scores["after"]),
               "open_book": strip(scores["open_book"]), "slot": res.slot,
@@ -671,6 +675,8 @@ def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, 
               "configs": configs, "checkpoint": os.path.abspath(checkpoint),
               "rehearsal": res.rehearsal,
               "predictions_after": scores["after"]["predictions"]}
+    if not is_writer():
+        return report
     write_json(os.path.join(workdir, "report.json"), report)
     lines = ["# Sleep report", "", f"Expert slot {res.slot}." if res.slot is not None else
              "Full fine-tune.", "", "| probes | EM | F1 |", "|---|---|---|"]

@@ -74,7 +74,9 @@ def smollm2(smollm2_path):
 # Files measured slowest (2026-12-01, --durations), started first under pytest-xdist (`make test`
 # runs `-n 2 --dist loadfile --no-loadscope-reorder`), so that no long file is left running
 # alone at the end. Order within a file is kept; a plain (non-xdist) run is not reordered.
-SLOW_FIRST = ("test_grow_ops.py", "test_runtime.py", "test_grow_train.py", "test_convert.py",
+SLOW_FIRST = ("test_grow_ops.py", "test_runtime.py", "test_multiprocess_steps.py",
+              "test_multiprocess_sleep.py", "test_multiprocess_sigterm.py", "test_grow_train.py",
+              "test_convert.py",
               "test_rl.py", "test_dream.py", "test_dream_learning.py", "test_cycle.py",
               "test_plan.py", "test_grow_cli.py", "test_checkpoint.py", "test_demo.py",
               "test_seeding.py", "test_seeding_mesh.py", "test_seeding_learning.py",

@@ -16,6 +16,10 @@
    write DIR/report.json, DIR/report.md, DIR/metrics.jsonl, checkpoints DIR/train (re-running
    resumes) and the grown checkpoint DIR/model (with DIR/model/sleep_prompts.jsonl), which a
    later ``sleep-jax sleep --checkpoint DIR/model`` sleeps on into its next free slot.
+
+Many processes (``sleep-jax launch --nproc 2 -- sleep-jax sleep ...``, the launch/ scripts, or
+the runtime flags): every process runs the same sleep over the mesh of all their devices;
+process 0 alone writes the files (every process writes its shards of the checkpoints).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import json
 import sys
 
 from sleep_jax.config import (
+    RUNTIME_FLAGS,
     ConfigError,
     Flag,
     check_run_config,
     default_config_path,
     from_section,
     parse_command,
+    runtime_config,
     write_run_config,
 )
 from sleep_jax.distill import seeding
@@ -42,21 +48,28 @@ FLAGS = (Flag("checkpoint", help="checkpoint directory (sleep-jax import / train
          Flag("probes", help='JSONL {"memory_id", "question", "answers"}', required=True),
          Flag("workdir", help="run folder (re-running resumes)", required=True),
          Flag("allow_config_change", bool, False,
-              help="resume even though the saved config.json differs"))
+              help="resume even though the saved config.json differs"), *RUNTIME_FLAGS)
 
 
 def parse(argv: list[str]):
     """(config, flags, SleepConfig, SeedingConfig, ReplayConfig); (None, ...) after --help.
 
     Every option is checked here, before any file is read or written: typed overrides, the
-    dataclasses' own value checks, and the prompt format's fields.
+    dataclasses' own value checks, and the prompt format's fields. Many processes
+    (``sleep_jax.runtime``: the flags or the environment of ``sleep-jax launch`` and the
+    launch/ scripts) are joined here, before the meshes touch a device.
     """
+    from sleep_jax import runtime
     from sleep_jax.sleep import ReplayConfig, SleepConfig
 
     config, args = parse_command(argv, default=default_config_path("sleep.py"), flags=FLAGS,
                                  prog="sleep-jax sleep", doc=__doc__)
     if config is None:
         return None, {}, None, None, None
+    try:
+        runtime.initialize(runtime_config(args))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     sleep_cfg = from_section(SleepConfig, config.sleep, "sleep")
     seeding_cfg = from_section(seeding.SeedingConfig, config.seeding, "seeding")
     replay_cfg = from_section(ReplayConfig, config.replay, "replay")
@@ -97,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         check_run_config(a["workdir"], config, a["allow_config_change"])
         memories = read_memories(a["memories"])
         probes = read_probes(a["probes"], memory_ids={m.id for m in memories})
-        base, tok, meta = load_checkpoint(a["checkpoint"])
+        # straight onto the teacher's shards: on many processes no process holds it all
+        base, tok, meta = load_checkpoint(a["checkpoint"], mesh=teacher_mesh or mesh)
         if tok is None:
             raise ValueError(f"checkpoint {a['checkpoint']!r} has no tokenizer.json; sleep "
                              "needs one to read memories")
@@ -113,10 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         except SlotsExhausted as e:
             print(f"sleep-jax sleep: error: {e}", file=sys.stderr)
             return 2
-    write_run_config(a["workdir"], config, a["allow_config_change"])
+    from sleep_jax.runtime import is_writer
+
+    if is_writer():  # process 0 writes the files (sleep_checkpoint: the same)
+        write_run_config(a["workdir"], config, a["allow_config_change"])
     report = run_sleep(a["checkpoint"], base, tok, meta, memories, probes, seeding_cfg,
                        workdir=a["workdir"], sleep_cfg=sleep_cfg, replay_cfg=replay_cfg,
                        mesh=mesh, teacher_mesh=teacher_mesh)
+    if not is_writer():
+        return 0
     print(json.dumps({k: report[k] for k in ("before", "after", "open_book")}, indent=2))
     print(f"outputs in {a['workdir']}: report.json, report.md, metrics.jsonl, model/ (the "
           f"grown checkpoint; sleep on it again with --checkpoint {a['workdir']}/model)")

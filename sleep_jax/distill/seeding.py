@@ -275,11 +275,14 @@ def make_seeding_step(cfg: SeedingConfig, state: TrainState, mesh, *, eos_id: in
     -> (state, metrics)``.
 
     Jitted with the student state's shardings on ``mesh`` for input and output (so the second
-    step does not recompile) and the state donated. The teacher travels as
+    step does not recompile) and the state donated. A host (numpy) batch is placed with its
+    rows over the mesh's batch axes, each process placing only its rows
+    (``runtime.shard_rows``). The teacher travels as
     ``nnx.split(teacher)``: its graphdef is static, its state an argument.
     """
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from sleep_jax.runtime import shard_rows
     from sleep_jax.train.state import train_state_shardings
 
     state_sh = (state.shardings(mesh, rules) if hasattr(state, "shardings")
@@ -296,6 +299,8 @@ def make_seeding_step(cfg: SeedingConfig, state: TrainState, mesh, *, eos_id: in
 
     def run(state, teacher_graphdef, teacher_state, batch, rng, mask, imitation=None):
         state = jax.device_put(state, state_sh)  # a no-op once the state lives there
+        # a host batch: rows over the batch axes, each process placing only its rows
+        batch = shard_rows(batch, mesh, rules)
         with jax.set_mesh(mesh):
             return jitted(state, teacher_graphdef, teacher_state, batch, rng, mask, imitation)
 

@@ -25,6 +25,7 @@ from sleep_jax.data.tokenizers import (
     tokenizer_vocab_size,
 )
 from sleep_jax.eval import qa
+from sleep_jax.runtime import host_read
 from sleep_jax.sampling import generate
 
 
@@ -97,7 +98,7 @@ def answer(model, tokenizer, prompts: Sequence[str], *, bos_id: int | None, eos_
             ln = np.concatenate([ln, np.repeat(ln[:1], B - len(ln), 0)])
         out, mask = _greedy(graphdef, state, jnp.asarray(t), jnp.asarray(ln), max_new_tokens,
                             eos_id, pad_id)
-        out, mask = np.asarray(out), np.asarray(mask)
+        out, mask = host_read((out, mask))  # also when the model spans processes
         for row, m in zip(out, mask):
             ids = [int(x) for x, k in zip(row, m) if k and x != eos_id]
             answers.append(tokenizer.decode(ids))
