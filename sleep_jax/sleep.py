@@ -29,10 +29,8 @@ The one pipeline behind ``sleep-jax sleep`` (``distill/cli.py``) and the demo's 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -40,11 +38,24 @@ import numpy as np
 
 from sleep_jax.distill import seeding
 from sleep_jax.dream.rehearse import RehearseConfig
+from sleep_jax.sleep_rows import (  # noqa: F401 (the sleep's rows, re-exported)
+    PROMPTS_FILE,
+    ConcatBatches,
+    Rows,
+    batch_fn,
+    drop_probe_overlap,
+    fitting_examples,
+    memory_prompts,
+    read_sleep_prompts,
+    sample_replay_prompts,
+    seeding_rows,
+    sft_batches,
+    write_sleep_prompts,
+)
 from sleep_jax.train.optim import OptimConfig
 
 log = logging.getLogger(__name__)
 
-PROMPTS_FILE = "sleep_prompts.jsonl"  # beside the model: every sleep's seeding prompts
 DEFAULT_FORMAT = "question: {question} answer:"
 REPLAY_SOURCES = ("prompts", "samples", "texts", "none")
 PROMPT_SOURCES = ("given", "memory")
@@ -167,158 +178,6 @@ def configs_to_dict(sleep_cfg: SleepConfig, seeding_cfg: seeding.SeedingConfig |
             "replay": dataclasses.asdict(replay)}
 
 
-# ----------------------------------------------------------------------------------- prompts
-
-
-def memory_prompts(text: str, max_per_memory: int = 24) -> list[str]:
-    """Continuation prompts cut from each sentence of a memory (after word 2..n-1)."""
-    out = []
-    for sent in re.split(r"(?<=[.!?])\s+", text.strip()):
-        words = sent.split()
-        out += [" ".join(words[:k]) for k in range(2, len(words))]
-    return out[:max_per_memory]
-
-
-def drop_probe_overlap(prompts: list[str], questions: list[str]) -> tuple[list[str], int]:
-    """Remove prompts that contain (or equal) a probe question, case-insensitively."""
-    qs = [q.strip().lower() for q in questions]
-    keep = [p for p in prompts if not any(q and q in p.lower() for q in qs)]
-    return keep, len(prompts) - len(keep)
-
-
-def read_sleep_prompts(checkpoint_dir: str | os.PathLike) -> list[dict]:
-    """Earlier sleeps' seeding prompts stored beside a model ([] when there are none)."""
-    path = os.path.join(os.fspath(checkpoint_dir), PROMPTS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_sleep_prompts(checkpoint_dir: str | os.PathLike, records: Sequence[dict]) -> str:
-    """Write the seeding-prompt records beside a model (atomically)."""
-    from sleep_jax.atomic import write_text
-
-    return write_text(os.path.join(os.fspath(checkpoint_dir), PROMPTS_FILE),
-                      "".join(json.dumps(r) + "\n" for r in records))
-
-
-@dataclasses.dataclass
-class Rows:
-    """Token rows of one sleep: seeding (memory ids, prompt ids) and replay ([], prompt ids)."""
-
-    seeding: list[tuple[list[int], list[int]]]
-    replay: list[tuple[list[int], list[int]]]
-    records: list[dict]  # this sleep's seeding prompts, for PROMPTS_FILE
-    dropped: int  # prompts dropped for overlapping a probe
-    earlier: int  # replay rows from earlier sleeps
-
-
-def seeding_rows(tokenizer, memories, *, cfg: SleepConfig, replay: ReplayConfig,
-                 prompts: Mapping[str, Sequence[str]] | None = None,
-                 replay_prompts: Sequence[str] | None = None,
-                 replay_ids: Sequence[Sequence[int]] | None = None,
-                 earlier: Sequence[dict] = (), probe_questions: Sequence[str] = (),
-                 sleep_index: int = 0, slot: int | None = None) -> Rows:
-    """The seeding and replay rows of a sleep (see the module docstring, step 2).
-
-    Args:
-      tokenizer: has ``encode(text).ids``.
-      memories: objects with ``id`` and ``text`` (``data.jsonl.Memory``), in order.
-      prompts: {memory id: prompts} for ``cfg.prompts == "given"``.
-      replay_prompts: the wake-knowledge replay prompts (``replay.source == "prompts"``).
-      replay_ids: replay prompts already as ids (``replay.source == "samples"``).
-      earlier: earlier sleeps' prompt records (``read_sleep_prompts``).
-      probe_questions: evaluation questions; prompts containing one are dropped.
-    """
-    enc = lambda s: tokenizer.encode(s).ids
-    rows, records, dropped = [], [], 0
-    for m in memories:
-        if cfg.prompts == "given":
-            if prompts is None or m.id not in prompts:
-                raise ValueError(f"SleepConfig.prompts='given' but no prompts for memory "
-                                 f"{m.id!r}")
-            ps = list(prompts[m.id])
-        else:
-            ps = memory_prompts(m.text, cfg.max_prompts_per_memory)
-        if probe_questions:
-            ps, d = drop_probe_overlap(ps, list(probe_questions))
-            dropped += d
-        mem = enc(m.text + cfg.memory_separator)
-        rows += [(mem, enc(p)) for p in ps]
-        records += [{"sleep": sleep_index, "slot": slot, "memory_id": m.id, "prompt": p}
-                    for p in ps]
-    if not rows:
-        raise ValueError("no seeding prompts: none given or cut from the memories (or all "
-                         "overlapped a probe question)")
-    rep: list = []
-    if replay.fraction > 0:
-        if replay.source == "prompts":
-            if not replay_prompts:
-                raise ValueError("ReplayConfig.source='prompts' needs replay prompts")
-            rep += [([], enc(p)) for p in replay_prompts]
-        elif replay.source == "samples":
-            rep += [([], list(p)) for p in (replay_ids or [])]
-        elif replay.source == "texts":
-            raise ValueError("ReplayConfig.source='texts' is the SFT objective's replay; "
-                             "seeding replays 'prompts' or 'samples'")
-    n_earlier = 0
-    if replay.fraction > 0 and replay.earlier_sleeps:
-        ps = [r["prompt"] for r in earlier]
-        if probe_questions:  # an earlier sleep saw other probes: check against these too
-            ps, d = drop_probe_overlap(ps, list(probe_questions))
-            dropped += d
-        rep += [([], enc(p)) for p in ps]
-        n_earlier = len(ps)
-    return Rows(rows, rep, records, dropped, n_earlier)
-
-
-def sample_replay_prompts(model, *, replay: ReplayConfig, bos_id: int, eos_id: int | None,
-                          pad_id: int, rng) -> list[list[int]]:
-    """Prefixes of the model's own unconditional samples (replay prompts without labels)."""
-    from sleep_jax.sampling import generate
-
-    n = replay.samples
-    out = generate(model, np.full((n, 1), bos_id, np.int32), np.ones(n, np.int32), rng,
-                   max_new_tokens=replay.sample_tokens, temperature=1.0, eos_id=eos_id,
-                   pad_id=pad_id)
-    from sleep_jax.runtime import host_read
-
-    toks, lens = host_read((out.tokens, out.lengths))  # also when they span processes
-    return [[int(t) for t in toks[i, :max(1, min(int(lens[i]) - 1, replay.prefix_tokens))]]
-            for i in range(n) if lens[i] > 1]
-
-
-def batch_fn(rows: Rows, *, batch_size: int, fraction: float, bos_id: int, pad_id: int,
-             lengths: tuple[int, int] | None = None):
-    """``fn(np_rng) -> SeedingBatch``: B - round(fraction * B) seeding rows and the rest replay
-    rows, drawn with replacement and shuffled (the lambda split then hits both kinds).
-
-    ``lengths``: (teacher P, student Q) row lengths, at least the longest rows' (default: just
-    those); fixed lengths keep the step's shapes, so a later sleep reuses its compiled program
-    (the cycle passes the stream's longest rows)."""
-    new, old = rows.seeding, rows.replay
-    B = batch_size
-    n_old = int(round(fraction * B)) if old else 0
-    P = max(len(m) + len(p) for m, p in new + old) + 1
-    Q = max(len(p) for _, p in new + old) + 1
-    if lengths is not None:
-        if lengths[0] < P or lengths[1] < Q:
-            raise ValueError(f"row lengths {tuple(lengths)} are shorter than this sleep's "
-                             f"longest rows (teacher {P}, student {Q})")
-        P, Q = int(lengths[0]), int(lengths[1])
-
-    def fn(rng: np.random.Generator):
-        pick = [new[i] for i in rng.integers(0, len(new), B - n_old)]
-        pick += [old[i] for i in rng.integers(0, len(old), n_old)] if n_old else []
-        order = rng.permutation(B)
-        pick = [pick[i] for i in order]
-        return seeding.make_batch([m for m, _ in pick], [p for _, p in pick], bos_id=bos_id,
-                                  teacher_len=P, student_len=Q, pad_id=pad_id)
-
-    return fn
-
-
 # ----------------------------------------------------------------------------------- student
 
 
@@ -357,79 +216,6 @@ def prepare_student(base, cfg: SleepConfig, rng, *, mesh):
     slot = next_free_slot(model)
     model, _ = activate_slot(model, None, slot, k2, std=cfg.slot_std)
     return model, slot, dst
-
-
-class ConcatBatches:
-    """Batches whose rows are one batch of each iterator, concatenated (a fixed row ratio);
-    resumable like its grain iterators (``get_state`` holds each one's state)."""
-
-    def __init__(self, *iterators):
-        self.iterators = iterators
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        parts = [next(it) for it in self.iterators]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def get_state(self):
-        return [it.get_state() for it in self.iterators]
-
-    def set_state(self, state) -> None:
-        for it, s in zip(self.iterators, state):
-            it.set_state(s)
-
-
-def sft_batches(memories, tokenizer, *, cfg: SleepConfig, replay: ReplayConfig,
-                replay_texts: Sequence | None, seed: int):
-    """The SFT objective's batches: memory texts one per padded row (``cfg.sft_seq_len``)
-    and, with ``replay.fraction`` > 0, ``round(fraction * batch_size)`` rows of the wake
-    training examples ``replay_texts`` packed at the same length (``source="texts"``)."""
-    from sleep_jax.data.pipeline import make_dataset
-
-    n_replay = round(replay.fraction * cfg.batch_size) if replay.fraction > 0 else 0
-    if replay.fraction > 0 and not n_replay:
-        raise ValueError(f"ReplayConfig.fraction={replay.fraction} gives no replay row in a "
-                         f"batch of {cfg.batch_size}: raise it to >= "
-                         f"{0.5 / cfg.batch_size:.3g} or set 0")
-    if n_replay and replay.source != "texts":
-        raise ValueError(f"the SFT objective replays wake training texts: "
-                         f"ReplayConfig.source={replay.source!r} must be 'texts' (or "
-                         f"fraction 0)")
-    if n_replay and not replay_texts:
-        raise ValueError("ReplayConfig.source='texts' needs replay_texts (the wake examples)")
-    if n_replay >= cfg.batch_size:
-        raise ValueError(f"ReplayConfig.fraction={replay.fraction} leaves no memory row in a "
-                         f"batch of {cfg.batch_size}")
-    mem = iter(make_dataset([m.text for m in memories], tokenizer, seq_len=cfg.sft_seq_len,
-                            batch_size=cfg.batch_size - n_replay, seed=seed, pack=False))
-    if not n_replay:
-        return mem
-    fits = fitting_examples(replay_texts, tokenizer, cfg.sft_seq_len)
-    log.info("SFT replay: %d of %d wake examples fit sft_seq_len=%d (longer ones are left "
-             "out: cut, a question would lose its answer)", len(fits), len(replay_texts),
-             cfg.sft_seq_len)
-    if not fits:
-        raise ValueError(f"no replay text fits SleepConfig.sft_seq_len={cfg.sft_seq_len}")
-    wake = iter(make_dataset(fits, tokenizer, seq_len=cfg.sft_seq_len, batch_size=n_replay,
-                             seed=seed + 1, pack=True))
-    return ConcatBatches(mem, wake)
-
-
-def fitting_examples(examples: Sequence, tokenizer, seq_len: int) -> list:
-    """The examples the data pipeline does not cut at ``seq_len``: bos + text [+ completion]
-    + eos is at most seq_len + 1 tokens (a row holds inputs = all but the last)."""
-    from sleep_jax.data.pipeline import split_example
-
-    def n_tokens(ex) -> int:
-        text, completion = split_example(ex)
-        n = len(tokenizer.encode(text, add_special_tokens=False).ids) + 2
-        if completion is not None:
-            n += len(tokenizer.encode(completion, add_special_tokens=False).ids)
-        return n
-
-    return [ex for ex in examples if n_tokens(ex) - 1 <= seq_len]
 
 
 @dataclasses.dataclass
