@@ -53,10 +53,22 @@ def _torch_logits(hf_model, tokens):
 
 @pytest.fixture(scope="module")
 def hf_smollm2(smollm2_path):
+    """transformers' own tokenizer and model from the same GGUF file. transformers parses the
+    file with gguf-py's GGUFReader three times (tokenizer, config, weights: about 12 s each on
+    one core) and rebuilds gguf's tensor-name map once per submodule (~400 times); both are
+    pure functions of their arguments, so they are memoized for this fixture only (a parsed
+    reader is only read). transformers' conversion code runs unchanged."""
+    import functools
+
+    import gguf
+
     kw = dict(gguf_file=os.path.basename(smollm2_path))
     folder = os.path.dirname(smollm2_path)
-    tok = transformers.AutoTokenizer.from_pretrained(folder, **kw)
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=1)(gguf.GGUFReader))
+        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        tok = transformers.AutoTokenizer.from_pretrained(folder, **kw)
+        model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
     return model.eval(), tok
 
 
