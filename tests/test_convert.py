@@ -37,10 +37,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
+_LOGITS = nnx.jit(lambda m, t, p: m(t, p)[0])  # one jitted function: calls of a shape reuse it
+
+
 def _forward(model, tokens):
     tokens = jnp.asarray(tokens, jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return np.asarray(nnx.jit(lambda m, t, p: m(t, p)[0])(model, tokens, pos))
+    return np.asarray(_LOGITS(model, tokens, pos))
 
 
 def _torch_logits(hf_model, tokens):
@@ -53,10 +56,22 @@ def _torch_logits(hf_model, tokens):
 
 @pytest.fixture(scope="module")
 def hf_smollm2(smollm2_path):
+    """transformers' own tokenizer and model from the same GGUF file. transformers parses the
+    file with gguf-py's GGUFReader three times (tokenizer, config, weights: about 12 s each on
+    one core) and rebuilds gguf's tensor-name map once per submodule (~400 times); both are
+    pure functions of their arguments, so they are memoized for this fixture only (a parsed
+    reader is only read). transformers' conversion code runs unchanged."""
+    import functools
+
+    import gguf
+
     kw = dict(gguf_file=os.path.basename(smollm2_path))
     folder = os.path.dirname(smollm2_path)
-    tok = transformers.AutoTokenizer.from_pretrained(folder, **kw)
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=1)(gguf.GGUFReader))
+        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        tok = transformers.AutoTokenizer.from_pretrained(folder, **kw)
+        model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
     return model.eval(), tok
 
 
@@ -298,9 +313,10 @@ def test_cli_import_generate_score_export(tmp_path, capsys):
     text = capsys.readouterr().out[:-1]
     ids = encode_prompt(tok, "hi", meta["tokens"], chat=True)
     assert tok.decode(ids, skip_special_tokens=False) == "<bos><user>hi<eos><assistant>"
-    new = []
+    new, width = [], len(ids) + 5  # right-padded rows: one compile (the model is causal)
     for _ in range(5):
-        nxt = int(np.argmax(_forward(model, [ids + new])[0, -1]))
+        row = ids + new
+        nxt = int(np.argmax(_forward(model, [row + [0] * (width - len(row))])[0, len(row) - 1]))
         if nxt == meta["tokens"]["eos_id"]:
             break
         new.append(nxt)

@@ -44,3 +44,32 @@ def test_score_means_and_errors():
     with pytest.raises(ValueError, match="golds is empty"):
         qa.f1_score("lima", [])
 
+
+
+def test_answers_compile_once_for_a_model_and_its_one_device_mesh_copy(tiny_cfg):
+    """probes.answer on a model and on a copy whose arrays carry a one-device mesh (as a model
+    trained under a mesh does): the same answers from one compiled program (the mesh is not a
+    reason to compile the evaluation again)."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sleep_jax.data.tokenizers import word_level_tokenizer
+    from sleep_jax.eval import probes
+    from sleep_jax.mesh import make_mesh
+    from sleep_jax.models import create_model
+
+    tok = word_level_tokenizer(["where does ann live ?", "bob lives in oslo ."])
+    model = create_model(tiny_cfg, seed=3)
+    mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
+    graphdef, state = nnx.split(model)
+    meshed = nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
+    leaf = jax.tree.leaves(nnx.state(meshed))[0]
+    assert isinstance(leaf.sharding, NamedSharding)  # the case this test is about
+    prompts = ["where does ann live ?", "bob lives in", "oslo"]
+    kw = dict(bos_id=1, eos_id=2, pad_id=0, max_new_tokens=3)
+    before = probes._greedy._cache_size()
+    a = probes.answer(model, tok, prompts, **kw)
+    b = probes.answer(meshed, tok, prompts, **kw)
+    assert a == b and len(a) == 3
+    assert probes._greedy._cache_size() == before + 1

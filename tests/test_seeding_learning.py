@@ -8,10 +8,15 @@ wording, never used in seeding. The negative control is the same run with the te
 reading no memory: it cannot raise accuracy.
 """
 
+import fcntl
+import os
+import pickle
+
 import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from sleep_jax.distill import seeding
 from sleep_jax.mesh import make_mesh
@@ -55,8 +60,7 @@ def _rc_batch(rng, B):
             "segment_ids": valid.astype(np.int32), "mask": valid, "loss_mask": loss}
 
 
-@pytest.fixture(scope="module")
-def base():
+def _train_base():
     mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
     state = create_train_state(create_model(CFG, seed=0), optax.adam(3e-3))
     step = make_train_step(state, mesh)
@@ -65,6 +69,30 @@ def base():
         state, m = step(state, _rc_batch(rng, 64), jax.random.key(i))
     assert float(m["loss"]) < 0.05, float(m["loss"])
     return state.model()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The trained base (300 steps; its loss check runs where it is trained), trained once per
+    test run: this file and test_sleep.py (which imports this fixture) each need it, often in
+    the two pytest-xdist workers; the first trains it under a lock and leaves its parameters in
+    the run's shared basetemp, the second loads them (bitwise the same arrays)."""
+    from sleep_jax.models.checkpoint_dir import model_from_params
+
+    tmp = tmp_path_factory.getbasetemp()
+    root = tmp.parent if os.environ.get("PYTEST_XDIST_WORKER") else tmp
+    path = root / "seeding_learning_base.pkl"
+    with open(root / "seeding_learning_base.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if path.exists():
+            with open(path, "rb") as f:
+                return model_from_params(CFG, pickle.load(f))
+        model = _train_base()
+        params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+        with open(f"{path}.tmp", "wb") as f:
+            pickle.dump(params, f)
+        os.replace(f"{path}.tmp", path)
+        return model
 
 
 def accuracy(model, wording, with_memory):

@@ -68,6 +68,23 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, bos_id: int | None, pad
     return pad_rows(ids, pad_id=pad_id, width=length or None, multiple=16, where="prompt")
 
 
+def _split_one_device(model):
+    """``nnx.split(model)`` with every array that lives on one device as a committed
+    single-device array on that device (the same buffer: no copy). Models that differ only in
+    how their one-device arrays are placed (a one-device mesh, committed or not, as after
+    training under a mesh or a fresh copy) then share each compiled evaluation program instead
+    of compiling it again. Arrays over several devices are left as they are."""
+    graphdef, state = nnx.split(model)
+
+    def plain(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) == 1:
+            (device,) = x.sharding.device_set
+            return jax.device_put(x, jax.sharding.SingleDeviceSharding(device))
+        return x
+
+    return graphdef, jax.tree.map(plain, state)
+
+
 @jax.jit(static_argnums=(0, 4, 5, 6))
 def _greedy(graphdef, state, tokens, lengths, max_new_tokens, eos_id, pad_id):
     model = nnx.merge(graphdef, state)
@@ -87,7 +104,7 @@ def answer(model, tokenizer, prompts: Sequence[str], *, bos_id: int | None, eos_
     check_special_ids(vocab, eos_id=eos_id)
     tokens, lengths = encode_prompts(tokenizer, prompts, bos_id=bos_id, pad_id=pad_id,
                                      vocab=vocab)
-    graphdef, state = nnx.split(model)
+    graphdef, state = _split_one_device(model)
     n = len(prompts)
     B = min(batch_size, _round_up(n, 8))
     answers = []
@@ -135,8 +152,8 @@ def kl_to_base(model, base, tokenizer, texts: Sequence[str], *, bos_id: int | No
     vocab = min(vocabs) if vocabs else None
     tokens, lengths = encode_prompts(tokenizer, texts, bos_id=bos_id, pad_id=pad_id,
                                      vocab=vocab)
-    bg, bs = nnx.split(base)
-    g, s = nnx.split(model)
+    bg, bs = _split_one_device(base)
+    g, s = _split_one_device(model)
     n, T = tokens.shape
     total, count = 0.0, 0.0
     for i in range(0, n, batch_size):
