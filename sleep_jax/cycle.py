@@ -193,6 +193,23 @@ class CycleInputs:
     texts: Sequence[str] = ()
 
 
+def check_inputs(method: CycleMethod, inputs: CycleInputs) -> None:
+    """Refuse a method whose replay or prompts need inputs the stream does not bring."""
+    cfg, rep = method.sleep, method.replay
+    if cfg is None:
+        return
+    need = []
+    if rep.fraction > 0 and rep.source == "texts" and not inputs.replay_texts:
+        need.append("replay_texts (ReplayConfig.source='texts')")
+    if rep.fraction > 0 and rep.source == "prompts" and not inputs.replay_prompts:
+        need.append("replay_prompts (ReplayConfig.source='prompts')")
+    if cfg.prompts == "given" and not inputs.prompts:
+        need.append("prompts (SleepConfig.prompts='given')")
+    if need:
+        raise ValueError(f"cycle method {method.name!r} needs {', '.join(need)} in its "
+                         "CycleInputs")
+
+
 def row_lengths(tokenizer, memories: Sequence, inputs: CycleInputs, cfg: SleepConfig
                 ) -> tuple[int, int]:
     """(teacher, student) seeding row lengths that fit every sleep of the stream: the longest
@@ -269,6 +286,7 @@ def run_cycle(base_dir: str, memories: Sequence, probes: Sequence, *, workdir: s
     from sleep_jax.eval.probes import kl_to_base
     from sleep_jax.models.checkpoint_dir import load_checkpoint
 
+    check_inputs(method, inputs)
     os.makedirs(workdir, exist_ok=True)
     if cfg.compilation_cache:
         use_compilation_cache(workdir)
@@ -363,6 +381,8 @@ def run_methods(base_dir: str, memories: Sequence, probes: Sequence, *, workdir:
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"cycle method names must be distinct, got {names}")
+    for m in methods:  # before any work
+        check_inputs(m, inputs)
     if cfg.compilation_cache:
         use_compilation_cache(workdir)  # one cache for every method
     entries, events = {}, {}

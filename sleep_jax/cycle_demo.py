@@ -89,8 +89,9 @@ class CycleDemoConfig:
                 raise ValueError(f"cycle_demo.{name}={getattr(self, name)} must be >= 1")
 
 
-def stream(world: worldlib.World, cd: CycleDemoConfig):
-    """(memories, probes, inputs) of the demo stream (module docstring)."""
+def stream(world: worldlib.World, cd: CycleDemoConfig, demo_cfg=None):
+    """(memories, probes, inputs) of the demo stream (module docstring); with ``demo_cfg``
+    (the DemoConfig) the wake mixture the SFT baselines replay (``demo_run.base_examples``)."""
     new = world.entities("new")
     if cd.memories > len(new):
         raise ValueError(f"cycle_demo.memories={cd.memories} > the world's {len(new)} NEW "
@@ -111,6 +112,7 @@ def stream(world: worldlib.World, cd: CycleDemoConfig):
         replay += world.general_text(cd.replay_general, seed=3)
     inputs = cyc.CycleInputs(
         prompts={e.id: demo_run.entity_prompts(e) for e in ents}, replay_prompts=replay,
+        replay_texts=demo_run.base_examples(world, demo_cfg) if demo_cfg is not None else (),
         old_probes=old_probes, texts=world.general_text(200, seed=7))
     return memories, probes, inputs
 
@@ -180,7 +182,7 @@ def run(config, workdir: str) -> dict:
     t0 = time.time()
     base_dir, base_s = prepare_base(demo_cfg, cd, workdir)
     world = worldlib.make_world(demo_cfg.seed, demo_cfg.n_old, demo_cfg.n_new, demo_cfg.n_task)
-    memories, probes, inputs = stream(world, cd)
+    memories, probes, inputs = stream(world, cd, demo_cfg)
     out = cyc.run_methods(base_dir, memories, probes, workdir=workdir, cfg=cycle_cfg,
                           methods=ms, inputs=inputs)
     out["base_dir"], out["base_train_s"] = base_dir, base_s

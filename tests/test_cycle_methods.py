@@ -142,18 +142,33 @@ def test_baselines_get_their_replay_and_one_step_shape(stream, tmp_path, monkeyp
         e = rep["methods"][name]
         assert len(e["matrix"]) == 3 and len(e["old"]) == 3
         assert (tmp_path / name / "events.jsonl").exists()
+    with pytest.raises(ValueError, match="'sft_replay' needs replay_texts"):
+        cycle.run_methods(base_dir, memories, probes, workdir=str(tmp_path / "x"), cfg=CCFG,
+                          methods=methods, inputs=cycle.CycleInputs(replay_prompts=["r"]))
+    assert not (tmp_path / "x").exists()  # refused before any work
     with pytest.raises(ValueError, match="distinct"):
         cycle.run_methods(base_dir, memories, probes, workdir=str(tmp_path), cfg=CCFG,
                           methods=[methods[0], methods[0]])
 
 
+def held_out_all(world):
+
+    return {q.question for w in ("near", "far", "val_near", "val_far")
+            for s in ("new", "old") for q in world.qa(s, w)}
+
+
 def test_demo_stream_keeps_held_out_wordings_out_of_training():
     from sleep_jax import cycle_demo
     from sleep_jax.data import world as worldlib
+    from sleep_jax.demo import DemoConfig
 
     world = worldlib.make_world(0, n_old=12, n_new=9, n_task=2)
     cd = cycle_demo.CycleDemoConfig(memories=6, old_entities=3)
-    memories, probes, inputs = cycle_demo.stream(world, cd)
+    memories, probes, inputs = cycle_demo.stream(world, cd, DemoConfig(n_old=12, n_new=9,
+                                                                       n_task=2))
+    # the SFT baselines replay the wake mixture (held-out wordings never in it either)
+    assert inputs.replay_texts and not [t for t in map(str, inputs.replay_texts)
+                                        if any(q in t for q in held_out_all(world))]
     assert [m.id for m in memories] == [e.id for e in world.entities("new")[:6]]
     assert {p.memory_id for p in probes} == {m.id for m in memories}
     assert {p.memory_id for p in inputs.old_probes} == \
