@@ -122,6 +122,17 @@ def closed_book_row(model, tokenizer, probe_sets: Sequence[Sequence], *, tokens:
     return _set_row(model, tokenizer, prompts, probe_sets, tokens=tokens, cfg=cfg)
 
 
+def open_book_row(model, tokenizer, memories: Sequence, probe_sets: Sequence[Sequence], *,
+                  tokens: Mapping, cfg: SleepConfig) -> list[float]:
+    """Exact match on each set's probes with the probe's own memory alone in context (the
+    teacher's level, the reference for "learning accuracy >= x open book")."""
+    text = {m.id: m.text for m in memories}
+    prompts = [text[pr.memory_id] + cfg.memory_separator
+               + cfg.prompt_format.format(question=pr.question)
+               for ps in probe_sets for pr in ps]
+    return _set_row(model, tokenizer, prompts, probe_sets, tokens=tokens, cfg=cfg)
+
+
 def wake_accuracy(model, tokenizer, store: Sequence, probes: Sequence, *, tokens: Mapping,
                   cfg: SleepConfig) -> float:
     """WAKE: exact match on ``probes`` with the store's memories (oldest first) in context."""
@@ -324,7 +335,9 @@ def run_cycle(base_dir: str, memories: Sequence, probes: Sequence, *, workdir: s
                 if method.sleep is not None else [float("nan")] * len(sets))
         events.append({"cycle": 0, "method": method.name,
                        "checkpoint": os.path.abspath(base_dir), "memory_sets": ids,
-                       "row": row0, "old": old(base)})
+                       "row": row0, "old": old(base),
+                       "open_book": open_book_row(base, tok, memories, probe_sets,
+                                                  tokens=tokens, cfg=scfg)})
         _write_events(workdir, events)
     for k in range(len(events), len(sets) + 1):
         t0 = time.time()
@@ -362,7 +375,8 @@ def run_cycle(base_dir: str, memories: Sequence, probes: Sequence, *, workdir: s
     matrix = [e["row"] for e in events]
     entry = {"matrix": matrix, "kl_to_base": [e["kl_to_base"] for e in events[1:]],
              "time_s": [e["time_s"] for e in events[1:]],
-             "old": [e.get("old") for e in events]}
+             "old": [e.get("old") for e in events],
+             "open_book": events[0].get("open_book")}
     out = {"matrix": matrix, "events": events, "method": entry}
     if write_report:
         out["report"] = cycle_report.build({method.name: entry})

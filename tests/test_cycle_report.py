@@ -21,6 +21,7 @@ SLEEP = {  # set 1 rises after its cycle; set 3 not measured before cycle 3 (mis
     "kl_to_base": [0.01, 0.02, 0.04],
     "time_s": [10.0, 12.0, None],
     "old": [0.9, 0.85, None, 0.75],
+    "open_book": [0.6, None, 0.9],
 }
 TINY = {"matrix": [[0.1, 0.2], [0.6, 0.3], [0.5, 0.9]], "kl_to_base": [0.5, None],
         "time_s": [3.0, 5.0]}
@@ -50,21 +51,22 @@ def test_write_report_round_trip_md_and_pngs(tmp_path):
     # pair is missing); forgetting ((.8-.5)+(.7-.4))/2; LA (.6+.7+.9)/3; time mean(10, 12)
     want = {"acc": 0.6, "bwt": -0.2, "fwt": 0.1, "forgetting": 0.3,
             "learning_acc": 2.2 / 3, "final_kl": 0.04, "time_per_cycle_s": 11.0,
-            "old_before": 0.9, "old_after": 0.75}
+            "old_before": 0.9, "old_after": 0.75, "open_book": 0.75}
     assert s["summary"] == pytest.approx(want)
     assert s["curves"]["old"] == [0.85, None, 0.75]
     t = back["methods"]["sft replay"]["summary"]
     assert t["final_kl"] is None and t["time_per_cycle_s"] == 4.0
     assert t["old_before"] is None and t["old_after"] is None  # not given: not measured
+    assert t["open_book"] is None
 
     md = open(tmp_path / "report.md").read()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in md.splitlines() if line.startswith("| s")}
     assert rows["sleep + dream"] == ["3", "0.6000", "-0.2000", "+0.1000", "0.3000", "0.7333",
-                                     "0.900", "0.750", "0.04", "11.0"]
+                                     "0.7500", "0.900", "0.750", "0.04", "11.0"]
     # tiny: ACC (.5+.9)/2, BWT .5-.6, FWT R[1,2]-R[0,2] = .3-.2, forgetting .6-.5, LA (.6+.9)/2
     assert rows["sft replay"] == ["2", "0.7000", "-0.1000", "+0.1000", "0.1000", "0.7500",
-                                  "-", "-", "-", "4.0"]
+                                  "-", "-", "-", "-", "4.0"]
     assert "| after cycle 2 | 0.800 | 0.700 | - |" in md
     assert "| before any sleep | 0.100 | 0.200 | - |" in md
     assert "![sleep + dream accuracy matrix](matrix_sleep_dream.png)" in md

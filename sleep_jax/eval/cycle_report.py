@@ -5,8 +5,9 @@ Input, per method (``build``): ``matrix``, the (T+1) x T accuracy matrix of
 j; NaN or None = not measured); ``kl_to_base``, T figures KL(base || model) on general text
 after each cycle; ``time_s``, T wall-clock seconds per cycle; optionally ``old``, T + 1 figures of
 closed-book accuracy on the wake knowledge (OLD probes: before any sleep, then after each
-cycle). KL, time and OLD entries may be missing too (NaN / None). Methods may have different
-T.
+cycle); optionally ``open_book``, T figures: each set with its own memory in context before
+any sleep (the teacher's level). KL, time and OLD entries may be missing too (NaN / None).
+Methods may have different T.
 
 Output (``write_report``, every file atomic via ``sleep_jax.atomic``):
 - report.json: the report dict of ``build``: per method its inputs, a ``summary`` (acc, bwt,
@@ -14,7 +15,8 @@ Output (``write_report``, every file atomic via ``sleep_jax.atomic``):
   cycle; time_per_cycle_s = mean of the measured cycle times; old_before / old_after = OLD
   accuracy before any sleep / after the last cycle) and ``curves`` over cycles k = 1..T
   (acc = ACC of the matrix prefix after cycle k, the mean over the sets learned so far; bwt
-  likewise; old and kl_to_base as given). Missing / undefined figures are JSON null.
+  likewise; old and kl_to_base as given); open_book = the mean of the given open-book
+  figures. Missing / undefined figures are JSON null.
 - report.md: one table methods x {ACC, BWT, FWT, forgetting, learning accuracy, final KL,
   time/cycle}, then each method's matrix as a table, "-" where not measured or undefined.
   Accuracies are fractions in [0, 1].
@@ -37,7 +39,8 @@ from sleep_jax.eval import matrix as mx
 from sleep_jax.eval.report import method_colours
 
 SUMMARY = (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "forgetting"),
-           ("learning_acc", "learning acc"), ("old_before", "OLD before"),
+           ("learning_acc", "learning acc"), ("open_book", "open book"),
+           ("old_before", "OLD before"),
            ("old_after", "OLD after"), ("final_kl", "final KL"),
            ("time_per_cycle_s", "time/cycle (s)"))
 CURVES = (("acc", "ACC so far (sets learned so far)"), ("bwt", "BWT so far"),
@@ -89,6 +92,11 @@ def method_entry(name: str, m: Mapping) -> dict:
                          "needed (before any sleep, then after each cycle)")
     summary = dict(mx.continual_metrics(r))
     summary["old_before"], summary["old_after"] = old[0], old[-1]
+    ob = [_as_float(x) for x in m.get("open_book") or []]
+    if ob and len(ob) != T:
+        raise ValueError(f"method {name!r}: open_book has {len(ob)} entries; T = {T} sets")
+    ob = [x for x in ob if not math.isnan(x)]
+    summary["open_book"] = float(np.mean(ob)) if ob else math.nan
     summary["final_kl"] = kl[-1]
     summary["time_per_cycle_s"] = float(np.mean(measured)) if measured else math.nan
     curves = {"acc": mx.curve(r, mx.average_accuracy), "bwt": mx.curve(r, mx.backward_transfer),
@@ -120,7 +128,8 @@ def _cell(x, fmt: str) -> str:
 
 
 SUMMARY_FORMATS = {"acc": ".4f", "bwt": "+.4f", "fwt": "+.4f", "forgetting": ".4f",
-                   "learning_acc": ".4f", "old_before": ".3f", "old_after": ".3f",
+                   "learning_acc": ".4f", "open_book": ".4f", "old_before": ".3f",
+                   "old_after": ".3f",
                    "final_kl": ".4g", "time_per_cycle_s": ".1f"}
 
 
@@ -135,9 +144,10 @@ def markdown(report: Mapping) -> str:
              "Accuracies are closed-book fractions in [0, 1]; `-` = not measured or undefined. "
              "ACC, BWT, FWT: Lopez-Paz & Ranzato 2017 (GEM); forgetting: Chaudhry et al. 2018; "
              "learning accuracy: Riemer et al. 2019 (definitions in sleep_jax/eval/matrix.py). "
-             "OLD before / after: closed-book accuracy on the wake knowledge before any sleep / "
-             "after the last cycle. Final KL: KL(base || model) on general text after the last "
-             "cycle.", "",
+             "Open book: each set with its own memory in context, before any sleep (the mean "
+             "over sets). OLD before / after: closed-book accuracy on the wake knowledge before "
+             "any sleep / after the last cycle. Final KL: KL(base || model) on general text "
+             "after the last cycle.", "",
              "| method | cycles | " + " | ".join(h for _, h in SUMMARY) + " |",
              "|---" * (len(SUMMARY) + 2) + "|"]
     for name, e in methods.items():
