@@ -259,8 +259,10 @@ def test_sleep_command_rehearses_only_its_slot_and_no_probe_enters_any_row(tmp_p
                              for t, m in zip(dreams.texts, dreams.memory_ids)]
     if d["rows"] == d["kept"]:  # none dropped: the share is the rows'
         assert d["copy_share"] == pytest.approx(np.mean(dreams.copies))
-    # replay: the earlier sleep's 2 prompts, the one holding a probe question dropped
-    assert rh["replay_rows"] == 1 and rh["replay_dropped_for_probe_overlap"] == 1
+    # replay: the earlier sleep's 2 prompts; the one holding a probe question was already
+    # dropped by the sleep's own rows (sleep_rows.seeding_rows), so rehearsal gets the other
+    assert report["replay_prompts"] == report["replay_prompts_from_earlier_sleeps"] == 1
+    assert rh["replay_rows"] == 1 and rh["replay_dropped_for_probe_overlap"] == 0
     # each step's loss: 4/6 of the dream rows' mean NLL + 2/6 of the replay divergence
     recs = [h for h in read_metrics(str(run / "rehearse" / "metrics.jsonl")) if "lm_loss" in h]
     assert len(recs) == 3 and all(h["divergence"] > 0 for h in recs)
