@@ -138,3 +138,47 @@ def test_the_slot_is_a_traced_value_not_a_recompile(slotted):
     for e in range(E):
         f(adapters.create_adapter_state(model, e, tx))
     assert f._cache_size() == 1
+
+
+def _lm_batch(B=8, T=6):
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(3, 64, (B, T + 1)).astype(np.int32)
+    mask = np.ones((B, T), bool)
+    mask[::3, -2:] = False  # padded rows: micro-batches carry unequal token counts
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+            "segment_ids": mask.astype(np.int32), "mask": mask, "loss_mask": mask}
+
+
+def test_micro_batches_on_the_adapter_equal_one_batch_and_the_masked_full_step(slotted):
+    """train_step_fn with micro_batches=4 on an AdapterState: the same loss and update as one
+    batch (exact accumulation: sums, then one division by the total token count; the padded
+    rows give the micro-batches unequal counts) and as the masked full-model step with the
+    same micro-batching, an independent path. SGD, so the update is the gradient itself (Adam
+    would turn a gradient entry's float summation order into a sign flip near 0)."""
+    import optax
+
+    from sleep_jax.train.step import train_step_fn
+
+    model, mask = slotted
+    tx = optax.sgd(0.5)
+    batch = {k: jnp.asarray(v) for k, v in _lm_batch().items()}
+    key = jax.random.key(0)
+    jmask = jax.tree.map(jnp.asarray, mask)
+
+    def step(s, k, m=None):
+        return jax.jit(lambda s: train_step_fn(s, batch, key, m, micro_batches=k))(s)
+
+    one, m1 = step(adapters.create_adapter_state(model, SLOT, tx), 1)
+    four, m4 = step(adapters.create_adapter_state(model, SLOT, tx), 4)
+    full, mf = step(create_train_state(model, tx), 4, jmask)
+    np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m4["loss"]), float(mf["loss"]), rtol=1e-6)
+    assert float(m4["tokens"]) == float(m1["tokens"]) == float(batch["loss_mask"].sum())
+    ref, start = _slot_entries(full.params), _slot_entries(nnx.state(model, nnx.Param))
+    for name, v in four.params.items():
+        a, b = np.asarray(v[...]), np.asarray(one.params[name][...])
+        scale = np.abs(a - start[name]).max()
+        assert scale > 0, name  # the step moved the slot
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale, err_msg=name)
+        np.testing.assert_allclose(a, ref[name], rtol=0, atol=1e-5 * scale, err_msg=name)
