@@ -1,12 +1,13 @@
 """A wake/sleep cycle subprocess for the kill/resume test (tests/test_cycle.py).
 
-usage: python tests/cycle_worker.py WORKDIR [--kill seeding|wake|events] [--cache DIR]
+usage: python tests/cycle_worker.py WORKDIR [--kill seeding|wake|events|checkpoint] [--cache DIR]
 Saves a tiny random checkpoint (WORKDIR/base, once), then runs ``cycle.run_cycle`` over 4
 memories, a sleep every 2 (2 cycles; 1 slot, so cycle 2 grows one more: when_full="grow"), and
 prints {"matrix", "events"} as one JSON line. ``--kill`` SIGKILLs the process once, at one
 point: "events" while cycle 1's event record is being written (temp file written, not yet
 renamed), "wake" right after cycle 2's wake answers (before its sleep), "seeding" right after
-step 3 of cycle 2's sleep is logged.
+step 3 of cycle 2's sleep is logged, "checkpoint" while cycle 2's model checkpoint is being
+written (its parameters saved in the temp folder, not yet complete or renamed).
 """
 
 import argparse
@@ -34,7 +35,8 @@ def kill():
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("workdir")
-    p.add_argument("--kill", choices=("seeding", "wake", "events"), default=None)
+    p.add_argument("--kill", choices=("seeding", "wake", "events", "checkpoint"),
+                   default=None)
     p.add_argument("--cache", default="")
     a = p.parse_args()
     if a.cache:
@@ -87,8 +89,21 @@ def main() -> int:
                 kill()
         return real_write(path, text)
 
+    from sleep_jax.models import checkpoint_dir
+
+    real_ckpt_text = checkpoint_dir.write_text
+
+    def ckpt_write_text(path, text):
+        # cycle 2's model checkpoint, killed half written: its parameters are on disk in the
+        # temp folder, its tokenizer and config.json (the completeness mark) are not
+        if (a.kill == "checkpoint" and os.sep + "cycle_002" + os.sep in path
+                and ".model.tmp" in path):
+            kill()
+        return real_ckpt_text(path, text)
+
     cycle.sleep_cycle, cycle.wake_accuracy, atomic.write_text = \
         sleep_cycle, wake_accuracy, write_text
+    checkpoint_dir.write_text = ckpt_write_text
     out = cycle.run_cycle(base_dir, memories, probes, workdir=os.path.join(a.workdir, "run"),
                           cfg=cycle.CycleConfig(sleep_every=2, store_size=2),
                           method=cycle.CycleMethod(

@@ -56,7 +56,7 @@ def test_killed_cycles_resume_to_the_same_figures(tmp_path):
     assert rep["matrix"] == ref["matrix"]
 
     w = tmp_path / "killed"
-    for point in ("events", "wake", "seeding"):
+    for point in ("events", "wake", "seeding", "checkpoint"):
         p = _run(w, cache, kill=point)
         assert p.returncode == -9, (point, p.stderr[-3000:])
     assert len(open(w / "run" / "events.jsonl").readlines()) == 2  # rows 0 and 1 survived
