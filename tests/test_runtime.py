@@ -166,10 +166,20 @@ def runs(tmp_path_factory):
     resumed = _run(["train", *TRAIN, "--workdir", two, "--config.train.steps=6",
                     "--allow_config_change"], env)
     t3 = time.perf_counter()
+    # growth of the trained model (width, FFN and 2 expert slots, with noise so the random
+    # draws count) on 1 process x 2 devices and on 2 processes x 1 device: the same mesh
+    grow = ["grow", "--checkpoint", os.path.join(one, "model"),
+            "--config.to=embed=64,mlp=256,expert_slots=2,expert_rank=4",
+            "--config.options.noise=0.01"]
+    _run([*grow, "--out", str(tmp / "grown1")], env)
+    grown_two = _run(["launch", "--nproc", "2", "--devices-per-process", "1", "--", PY, "-m",
+                      "sleep_jax.cli", *grow, "--out", str(tmp / "grown2")], env)
+    t4 = time.perf_counter()
     print(f"runtime runs: 1 process {t1 - t0:.1f} s, 2 processes {t2 - t1:.1f} s, "
-          f"resume on 1 process {t3 - t2:.1f} s")
+          f"resume on 1 process {t3 - t2:.1f} s, grow on 1 and 2 processes {t4 - t3:.1f} s")
     return dict(one=_losses(one), two=after_two, resumed=_losses(two), files_two=files_two,
-                launched=launched, resumed_out=resumed.stdout + resumed.stderr, workdir=two)
+                launched=launched, resumed_out=resumed.stdout + resumed.stderr, workdir=two,
+                grown=(str(tmp / "grown1"), str(tmp / "grown2")), grown_two=grown_two.stdout)
 
 
 def test_two_processes_match_one_process(runs):
@@ -190,6 +200,24 @@ def test_checkpoint_of_two_processes_continues_on_one(runs):
     resumed, one = runs["resumed"], runs["one"]
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([resumed[5], resumed[6]], [one[5], one[6]], rtol=0, atol=1e-5)
+
+
+def test_grow_on_two_processes_writes_the_same_checkpoint_as_one(runs):
+    from flax import nnx
+
+    from sleep_jax.models.checkpoint_dir import load_checkpoint, read_config
+
+    one, two = runs["grown"]
+    assert read_config(one)[0] == read_config(two)[0]
+    assert read_config(one)[0].embed == 64 and read_config(one)[0].expert_slots == 2
+    p1 = nnx.to_pure_dict(nnx.state(load_checkpoint(one)[0]))
+    p2 = nnx.to_pure_dict(nnx.state(load_checkpoint(two)[0]))
+    flat1, flat2 = jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p2)
+    assert len(flat1) == len(flat2)
+    for (path, a), b in zip(flat1, flat2):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    out = runs["grown_two"]
+    assert out.count("grew ") == 1 and "[0] grew" in out  # process 0 alone reports
 
 
 def test_a_failing_process_stops_the_launch_with_its_rank(tmp_path):

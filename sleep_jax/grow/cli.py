@@ -7,7 +7,10 @@
       [--config.options.insert_at="(1,3)"] [--config.options.noise=0.01] [--config.seed=0]
 
 The source is loaded straight onto the mesh, grown there by ``grow_model`` (one jitted
-function), and saved with its tokenizer; the checkpoint's metadata records the growth.
+function), and saved with its tokenizer; the checkpoint's metadata records the growth. Runs on
+many processes like every command (``sleep-jax launch --nproc N -- sleep-jax grow ...``, the
+launch/ scripts, or the runtime flags): the mesh spans every process's devices and each
+process writes its own shards of the grown checkpoint.
 """
 
 from __future__ import annotations
@@ -15,11 +18,19 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from sleep_jax.config import ConfigError, Flag, default_config_path, from_section, parse_command
+from sleep_jax.config import (
+    RUNTIME_FLAGS,
+    ConfigError,
+    Flag,
+    default_config_path,
+    from_section,
+    parse_command,
+    runtime_config,
+)
 from sleep_jax.grow.spec import GrowOptions, target_config
 
 FLAGS = (Flag("checkpoint", help="source checkpoint directory", required=True),
-         Flag("out", help="directory for the grown checkpoint", required=True))
+         Flag("out", help="directory for the grown checkpoint", required=True), *RUNTIME_FLAGS)
 
 
 def main(argv: list[str]) -> int:
@@ -29,6 +40,12 @@ def main(argv: list[str]) -> int:
         if config is None:
             return 0  # --help
         options = from_section(GrowOptions, config.options, "options")
+        from sleep_jax import runtime
+
+        try:
+            runtime.initialize(runtime_config(a))  # many processes: before any device use
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     except ConfigError as e:
         print(f"sleep-jax grow: error: {e}", file=sys.stderr)
         return 2
@@ -52,6 +69,8 @@ def main(argv: list[str]) -> int:
              "grow_options": dataclasses.asdict(options)}
     save_checkpoint(a["out"], grown, tokenizer, extra=extra, tokens=meta["tokens"])
     cfg = grown.config
+    if not runtime.is_writer():
+        return 0
     print(f"grew {a['checkpoint']} -> {a['out']}: layers {src_cfg.layers}->{cfg.layers}, embed "
           f"{src_cfg.embed}->{cfg.embed}, mlp {src_cfg.mlp}->{cfg.mlp}, heads "
           f"{src_cfg.heads}/{src_cfg.kv_heads}->{cfg.heads}/{cfg.kv_heads}, expert slots "
