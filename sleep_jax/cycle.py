@@ -277,9 +277,15 @@ def sleep_cycle(prev: str, model, tokenizer, meta: Mapping, memories: Sequence, 
     save_checkpoint(model_dir, res.model, tokenizer, tokens=tokens,
                     extra={"grown_from": os.path.abspath(prev), "method": method.name})
     write_sleep_prompts(model_dir, list(earlier) + (res.rows.records if res.rows else []))
+    rehearsal = None
+    if res.rehearsal is not None:  # dreaming after consolidation (SleepConfig.rehearse)
+        rh, d = res.rehearsal, res.rehearsal.get("dreams", {})
+        rehearsal = {"steps": rh["steps"], "status": rh["status"], "seconds": rh["seconds"],
+                     "kept": d.get("kept"), "rows": d.get("rows"),
+                     "copy_share": d.get("copy_share")}
     return {"slot": res.slot, "steps": cfg.steps, "status": res.status,
             "step_s": res.step_s if len(res.times) > 3 else None,
-            "compile_s": res.compile_s}
+            "compile_s": res.compile_s, "rehearsal": rehearsal}
 
 
 def run_cycle(base_dir: str, memories: Sequence, probes: Sequence, *, workdir: str,
@@ -367,7 +373,8 @@ def run_cycle(base_dir: str, memories: Sequence, probes: Sequence, *, workdir: s
                        "memories": ids[k - 1], "slot": rep["slot"],
                        "slots": model.config.expert_slots, "steps": rep["steps"],
                        "status": rep["status"], "step_s": rep["step_s"],
-                       "compile_s": rep["compile_s"], "wake_in_context": wake,
+                       "compile_s": rep["compile_s"], "rehearsal": rep["rehearsal"],
+                       "wake_in_context": wake,
                        "row": closed_book_row(model, tok, probe_sets, tokens=tokens, cfg=scfg),
                        "old": old(model), "kl_to_base": kl(model),
                        "time_s": time.time() - t0})

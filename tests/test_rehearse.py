@@ -282,3 +282,65 @@ def test_sleep_command_rehearses_only_its_slot_and_no_probe_enters_any_row(tmp_p
     # the filter itself on an injected dream (case and spacing normalised)
     assert R.contains_probe("so  Where does ka lo mi live ? oslo", PROBES)
     assert not R.contains_probe("ka lo mi lives in oslo", PROBES)
+
+
+def test_a_cycle_with_a_generator_dreams_after_every_consolidation(tmp_path):
+    """`sleep-jax cycle` with ``sleep.rehearse.generator`` set: each cycle's sleep consolidates
+    into its own new slot, then rehearses it on dreams (its event records the rehearsal), and
+    the earlier cycle's slot stays bitwise as it was."""
+    from sleep_jax.config import default_config_path
+    from sleep_jax.cycle_cli import main
+    from sleep_jax.dream.generator import save_generator
+    from sleep_jax.models.checkpoint_dir import load_checkpoint, save_checkpoint
+
+    tok = _tokenizer()
+    _, model = _slotted(E=3)  # slot 0: an earlier sleep's
+    save_checkpoint(tmp_path / "base", model, tok, tokens=TOKENS)
+    gen_dir = tmp_path / "gen"
+    save_checkpoint(gen_dir, model, tok, tokens=TOKENS,
+                    extra={"dream": {"generator_slot": 1, "inner_slot": 2,
+                                     "dream_template": "{context} implications :"}})
+    rng = np.random.default_rng(0)
+    L, D = CFG.layers, CFG.embed
+    save_generator(str(gen_dir), {
+        "blocks.expert_a": rng.normal(0, 0.3, (L, D, 2)).astype(np.float32),
+        "blocks.expert_b": rng.normal(0, 0.3, (L, 2, D)).astype(np.float32)})
+    mem, probes = tmp_path / "m.jsonl", tmp_path / "p.jsonl"
+    mem.write_text("".join(json.dumps({"id": m.id, "text": m.text}) + "\n"
+                           for m in MEMORIES[:2]))
+    probes.write_text("".join(json.dumps({"memory_id": f"m{k}", "question": q,
+                                          "answers": [a]}) + "\n"
+                              for k, (q, a) in enumerate(zip(PROBES, ["oslo", "smith"]))))
+    run = tmp_path / "run"
+    args = ["--config", default_config_path("cycle.py:quick"),
+            "--checkpoint", str(tmp_path / "base"), "--memories", str(mem), "--probes",
+            str(probes), "--workdir", str(run), "--config.cycle.sleep_every=1",
+            "--config.cycle.store_size=1", "--config.cycle.kl_texts=0",
+            "--config.cycle.compilation_cache=False",
+            "--config.sleep.steps=2", "--config.sleep.batch_size=4",
+            "--config.sleep.progress_bar=False", "--config.sleep.eval_tokens=1",
+            "--config.sleep.prompt_format={question}", "--config.sleep.checkpoint_every=0",
+            "--config.replay.source=none", "--config.seeding.max_new_tokens=2",
+            f"--config.sleep.rehearse.generator={gen_dir}", "--config.sleep.rehearse.steps=2",
+            "--config.sleep.rehearse.batch_size=4",
+            "--config.sleep.rehearse.replay_fraction=0.25",
+            "--config.sleep.rehearse.contexts_per_call=1",
+            "--config.sleep.rehearse.dream.max_dream_tokens=8"]
+    assert main(args) == 0
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["cycle"] for e in events] == [0, 1, 2]
+    assert [e["slot"] for e in events[1:]] == [1, 2]
+    for e in events[1:]:
+        rh = e["rehearsal"]
+        assert rh is not None and rh["steps"] == 2 and rh["status"] == "done", rh
+        assert rh["kept"] > 0 and rh["seconds"] > 0
+    first = load_checkpoint(events[1]["checkpoint"])[0]
+    last = load_checkpoint(events[2]["checkpoint"])[0]
+    assert used_slots(last) == [0, 1, 2]
+    a, b = _flat_params(first), _flat_params(last)
+    slot_keys = [k for k in a if "expert_" in k]  # A, B and the slot mask: [L, E, ...]
+    assert len(slot_keys) >= 2
+    for k in slot_keys:
+        np.testing.assert_array_equal(a[k][:, :2], b[k][:, :2], err_msg=k)  # slots 0, 1 kept
+        if "mask" not in k:
+            assert np.abs(a[k][:, 2] - b[k][:, 2]).max() > 0, k  # slot 2: cycle 2's
