@@ -156,8 +156,11 @@ def read_events(workdir: str) -> list[dict]:
 
 def _write_events(workdir: str, events: list[dict]) -> None:
     from sleep_jax.atomic import write_text
+    from sleep_jax.runtime import is_writer
 
-    write_text(os.path.join(workdir, EVENTS), "".join(json.dumps(e) + "\n" for e in events))
+    if is_writer():  # many processes: process 0 writes, every process keeps the list
+        write_text(os.path.join(workdir, EVENTS),
+                   "".join(json.dumps(e) + "\n" for e in events))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +262,7 @@ def sleep_cycle(prev: str, model, tokenizer, meta: Mapping, memories: Sequence, 
     checkpoint version, with every sleep's seeding prompts beside it). Re-running resumes
     inside the sleep (its run loop's checkpoints in ``workdir/train``)."""
     from sleep_jax.models.checkpoint_dir import save_checkpoint
+    from sleep_jax.runtime import barrier, is_writer
     from sleep_jax.sleep import read_sleep_prompts, sleep, write_sleep_prompts
 
     cfg = method.sleep
@@ -276,7 +280,9 @@ def sleep_cycle(prev: str, model, tokenizer, meta: Mapping, memories: Sequence, 
     model_dir = os.path.join(workdir, "model")
     save_checkpoint(model_dir, res.model, tokenizer, tokens=tokens,
                     extra={"grown_from": os.path.abspath(prev), "method": method.name})
-    write_sleep_prompts(model_dir, list(earlier) + (res.rows.records if res.rows else []))
+    if is_writer():
+        write_sleep_prompts(model_dir, list(earlier) + (res.rows.records if res.rows else []))
+    barrier("sleep_jax_cycle_prompts")  # the next cycle reads them on every process
     rehearsal = None
     if res.rehearsal is not None:  # dreaming after consolidation (SleepConfig.rehearse)
         rh, d = res.rehearsal, res.rehearsal.get("dreams", {})
@@ -299,9 +305,12 @@ def run_cycle(base_dir: str, memories: Sequence, probes: Sequence, *, workdir: s
     input for this method, "report": the report (with ``write_report``)}; resumable (module
     docstring).
     """
+    import jax
+
     from sleep_jax.eval import cycle_report
     from sleep_jax.eval.probes import kl_to_base
     from sleep_jax.models.checkpoint_dir import load_checkpoint
+    from sleep_jax.runtime import barrier, is_writer
 
     check_inputs(method, inputs)
     os.makedirs(workdir, exist_ok=True)
@@ -312,7 +321,10 @@ def run_cycle(base_dir: str, memories: Sequence, probes: Sequence, *, workdir: s
     for pr in probes:
         by_memory.setdefault(pr.memory_id, []).append(pr)
     probe_sets = [[pr for m in s for pr in by_memory.get(m.id, [])] for s in sets]
-    base, tok, meta = load_checkpoint(base_dir)
+    # many processes: every model straight onto the mesh's shards (no process holds it all);
+    # one process keeps the default single-device placement
+    place = mesh if jax.process_count() > 1 else None
+    base, tok, meta = load_checkpoint(base_dir, mesh=place)
     tokens = dict(meta["tokens"])
     scfg = method.sleep or SleepConfig()  # in-context only: the default evaluation settings
     general = list(inputs.texts)[:cfg.kl_texts] if cfg.kl_texts else []
@@ -331,6 +343,7 @@ def run_cycle(base_dir: str, memories: Sequence, probes: Sequence, *, workdir: s
         return closed_book_row(model, tok, [inputs.old_probes], tokens=tokens, cfg=scfg)[0]
 
     events = read_events(workdir)
+    barrier("sleep_jax_cycle_events_read")  # every process read them before any rewrite
     ids = [[m.id for m in s] for s in sets]
     if events and (events[0].get("memory_sets") != ids
                    or events[0].get("method", method.name) != method.name):
@@ -348,7 +361,7 @@ def run_cycle(base_dir: str, memories: Sequence, probes: Sequence, *, workdir: s
     for k in range(len(events), len(sets) + 1):
         t0 = time.time()
         prev = events[-1]["checkpoint"]
-        model_prev, tok_prev, meta_prev = load_checkpoint(prev)
+        model_prev, tok_prev, meta_prev = load_checkpoint(prev, mesh=place)
         store = sets[k - 1][-cfg.store_size:]
         wake = wake_accuracy(model_prev, tok_prev, store, probe_sets[k - 1], tokens=tokens,
                              cfg=scfg)
@@ -368,7 +381,7 @@ def run_cycle(base_dir: str, memories: Sequence, probes: Sequence, *, workdir: s
                           earlier_memories=[m for s in sets[:k - 1] for m in s],
                           workdir=run_dir, lengths=lengths, mesh=mesh, log_fn=log_fn)
         model_dir = os.path.join(run_dir, "model")
-        model, _, _ = load_checkpoint(model_dir)
+        model, _, _ = load_checkpoint(model_dir, mesh=place)
         events.append({"cycle": k, "version": k, "checkpoint": os.path.abspath(model_dir),
                        "memories": ids[k - 1], "slot": rep["slot"],
                        "slots": model.config.expert_slots, "steps": rep["steps"],
@@ -387,7 +400,8 @@ def run_cycle(base_dir: str, memories: Sequence, probes: Sequence, *, workdir: s
     out = {"matrix": matrix, "events": events, "method": entry}
     if write_report:
         out["report"] = cycle_report.build({method.name: entry})
-        cycle_report.write_report(out["report"], workdir)
+        if is_writer():
+            cycle_report.write_report(out["report"], workdir)
     return out
 
 
@@ -398,6 +412,7 @@ def run_methods(base_dir: str, memories: Sequence, probes: Sequence, *, workdir:
     """``run_cycle`` of every method over the same stream, each in ``workdir/<name>/``, then
     one report of them side by side in ``workdir`` (each method resumes on its own)."""
     from sleep_jax.eval import cycle_report
+    from sleep_jax.runtime import is_writer
 
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
@@ -412,8 +427,10 @@ def run_methods(base_dir: str, memories: Sequence, probes: Sequence, *, workdir:
         out = run_cycle(base_dir, memories, probes, workdir=os.path.join(workdir, m.name),
                         cfg=cfg, method=m, inputs=inputs, mesh=mesh, log_fn=log_fn)
         entries[m.name], events[m.name] = out["method"], out["events"]
-        print(f"cycle method {m.name}: {len(out['events']) - 1} cycles "
-              f"({time.time() - t0:.0f} s this call)", flush=True)
+        if is_writer():
+            print(f"cycle method {m.name}: {len(out['events']) - 1} cycles "
+                  f"({time.time() - t0:.0f} s this call)", flush=True)
     report = cycle_report.build(entries)
-    cycle_report.write_report(report, workdir)
+    if is_writer():
+        cycle_report.write_report(report, workdir)
     return {"report": report, "events": events}

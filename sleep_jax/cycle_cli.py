@@ -10,6 +10,9 @@ The memories file is the stream in arrival order ({"id", "text"} per line); prob
 after every cycle; texts ({"text"}) are general text for KL to the base. Writes DIR/cycle_KKK/
 (each sleep; DIR/cycle_KKK/model is checkpoint version K), DIR/events.jsonl and the cycle
 report (report.json, report.md, heatmap and curves PNGs). Re-running the same command resumes.
+Runs on many processes like ``sleep-jax sleep`` (``sleep-jax launch --nproc N -- sleep-jax
+cycle ...``, the launch/ scripts or the runtime flags; not the demo presets): every checkpoint
+is loaded onto the mesh's shards, process 0 writes the event log and the report.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import json
 import sys
 
 from sleep_jax.config import (
+    RUNTIME_FLAGS,
     ConfigError,
     Flag,
     check_run_config,
     default_config_path,
     from_section,
     parse_command,
+    runtime_config,
     write_run_config,
 )
 
@@ -34,7 +39,7 @@ FLAGS = (Flag("checkpoint", default="", help="checkpoint directory (before any s
               "default runs/cycle)"),
          Flag("texts", default="", help='JSONL {"text"}: general text for KL to the base'),
          Flag("allow_config_change", bool, False,
-              help="resume even though the saved config.json differs"))
+              help="resume even though the saved config.json differs"), *RUNTIME_FLAGS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # --help
         if "cycle_demo" in config:
             return _demo(config, a)
+        from sleep_jax import runtime
+
+        try:  # many processes (sleep-jax launch, launch/ scripts): before any device use
+            runtime.initialize(runtime_config(a))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         missing = [f"--{k}" for k in ("checkpoint", "memories", "probes", "workdir") if not a[k]]
         if missing:
             raise ConfigError(f"missing {', '.join(missing)} (or use a demo preset: "
@@ -70,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, JsonlError, FileNotFoundError, ValueError) as e:
         print(f"sleep-jax cycle: error: {e}", file=sys.stderr)
         return 2
-    write_run_config(a["workdir"], config, a["allow_config_change"])
+    if runtime.is_writer():
+        write_run_config(a["workdir"], config, a["allow_config_change"])
     out = run_cycle(a["checkpoint"], memories, probes, workdir=a["workdir"], cfg=cycle_cfg,
                     method=CycleMethod("sleep", sleep_cfg, seeding_cfg, replay_cfg),
                     inputs=CycleInputs(texts=texts), mesh=mesh)
+    if not runtime.is_writer():
+        return 0
     print(json.dumps(out["report"]["methods"]["sleep"]["summary"], indent=2))
     print(f"outputs in {a['workdir']}: events.jsonl, report.json, report.md, PNGs, "
           f"cycle_KKK/model (checkpoint version K)")

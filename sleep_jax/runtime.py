@@ -227,6 +227,15 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+    """Every process waits here for the others (no-op on one process): after process 0 wrote
+    a file that the others read next."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 # ------------------------------------------------------------------------------ batches
 
 

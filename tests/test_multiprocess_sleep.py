@@ -1,6 +1,7 @@
 """Many processes, one command: ``sleep-jax launch --nproc 2 -- sleep-jax sleep`` on a tiny
 checkpoint writes the same report, metrics, seeding prompts and grown model as one process,
-process 0 alone writing the files.
+process 0 alone writing the files; ``sleep-jax cycle`` over two cycles writes the same events
+and checkpoints.
 
 One process with 2 fake CPU devices against 2 processes with 1 each, over the same mesh
 (fsdp=2): the teacher is loaded onto its shards, the replay samples and the probe answers are
@@ -128,3 +129,56 @@ def test_only_process_zero_prints_and_writes(runs):
     files = sorted(os.listdir(tmp / "two"))
     assert files == sorted(os.listdir(tmp / "one"))  # no temp folder of a save left behind
     assert {"config.json", "metrics.jsonl", "model", "report.json", "report.md"} <= set(files)
+
+
+@pytest.fixture(scope="module")
+def cycles(tmp_path_factory):
+    """``sleep-jax cycle`` over the 4 memories, a sleep every 2 (2 cycles; 1 slot, so the second
+    grows one more), on 1 process x 2 devices and on 2 processes x 1 device."""
+    tmp = tmp_path_factory.mktemp("mproc_cycle")
+    args = [a for a in _inputs(tmp) if not a.startswith("--config.sleep.slots")]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu")
+    for k in ("SLEEP_JAX_NUM_PROCESSES", "SLEEP_JAX_PROCESS_ID", "SLEEP_JAX_COORDINATOR"):
+        env.pop(k, None)
+    cyc = [PY, "-m", "sleep_jax.cli", "cycle", "--config",
+           os.path.join(ROOT, "configs", "cycle.py:quick"), *args,
+           "--config.sleep.slots=1", "--config.cycle.sleep_every=2",
+           "--config.cycle.store_size=2", "--config.cycle.kl_texts=0",
+           "--config.replay.source=samples"]
+    _run([*cyc, "--workdir", str(tmp / "one")], dict(env, JAX_NUM_CPU_DEVICES="2"))
+    out = _run([PY, "-m", "sleep_jax.cli", "launch", "--nproc", "2", "--devices-per-process",
+                "1", "--", *cyc, "--workdir", str(tmp / "two")], env)
+    return tmp, out
+
+
+def _events(path):
+    drop = ("checkpoint", "time_s", "step_s", "compile_s")
+    with open(path) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]
+
+
+def test_two_process_cycle_equals_one_process(cycles):
+    from sleep_jax.models.checkpoint_dir import load_checkpoint
+
+    tmp, out = cycles
+    one, two = _events(tmp / "one" / "events.jsonl"), _events(tmp / "two" / "events.jsonl")
+    assert [e["cycle"] for e in two] == [0, 1, 2] and [e["slots"] for e in two[1:]] == [1, 2]
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k in ("row", "open_book", "old", "wake_in_context", "kl_to_base"):
+                np.testing.assert_allclose(np.asarray(a[k], float), np.asarray(b[k], float),
+                                           atol=1e-5, err_msg=k)
+            else:
+                assert a[k] == b[k], k
+    m1 = load_checkpoint(str(tmp / "one" / "cycle_002" / "model"))[0]
+    m2 = load_checkpoint(str(tmp / "two" / "cycle_002" / "model"))[0]
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(nnx.state(m1)),
+                            jax.tree.leaves(nnx.state(m2))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+    b = np.asarray(nnx.state(m1, nnx.Param)["blocks"]["expert_b"][...])
+    assert np.abs(b).max() > 0  # both slots were trained (B starts at zero)
+    assert out.count("outputs in ") == 1  # process 0 alone reports
+    assert (tmp / "two" / "report.json").exists()
