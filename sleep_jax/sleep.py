@@ -399,22 +399,44 @@ def expert_activity(history: Sequence[dict], replay_fraction: float) -> dict:
 # ----------------------------------------------------------------------------------- evaluate
 
 
-def evaluate_probes(model, base, tokenizer, memories, probes, *, tokens: Mapping,
-                    cfg: SleepConfig) -> dict:
-    """Closed-book before (base) / after (model) and open-book (base reads the memory) EM/F1."""
+# Below this open-book EM the teacher (the model reading the memory) answers too few probes
+# for seeding to have much to consolidate: ``sleep_checkpoint`` warns before training.
+LOW_OPEN_BOOK_EM = 0.3
+
+
+def _probe_kw(tokens: Mapping, cfg: SleepConfig) -> dict:
+    return dict(bos_id=tokens.get("bos_id") if tokens.get("add_bos", True) else None,
+                eos_id=tokens.get("eos_id"), pad_id=tokens.get("pad_id") or 0,
+                max_new_tokens=cfg.eval_tokens)
+
+
+def open_book_scores(base, tokenizer, memories, probes, *, tokens: Mapping,
+                     cfg: SleepConfig) -> dict:
+    """Open-book EM/F1 (and predictions): ``base`` answers each probe with its memory in
+    context, as the teacher reads it."""
     from sleep_jax.eval import probes as probe_eval
 
-    pad = tokens.get("pad_id") or 0
-    kw = dict(bos_id=tokens.get("bos_id") if tokens.get("add_bos", True) else None,
-              eos_id=tokens.get("eos_id"), pad_id=pad, max_new_tokens=cfg.eval_tokens)
     fmt = lambda q: cfg.prompt_format.format(question=q)
-    golds = [list(pr.answers) for pr in probes]
-    closed = [fmt(pr.question) for pr in probes]
     by_id = {m.id: m.text for m in memories}
     opened = [by_id[pr.memory_id] + cfg.memory_separator + fmt(pr.question) for pr in probes]
+    return probe_eval.qa_scores(base, tokenizer, opened, [list(pr.answers) for pr in probes],
+                                **_probe_kw(tokens, cfg))
+
+
+def evaluate_probes(model, base, tokenizer, memories, probes, *, tokens: Mapping,
+                    cfg: SleepConfig, open_book: dict | None = None) -> dict:
+    """Closed-book before (base) / after (model) and open-book (base reads the memory) EM/F1;
+    ``open_book``: its scores when already measured (``open_book_scores``)."""
+    from sleep_jax.eval import probes as probe_eval
+
+    kw = _probe_kw(tokens, cfg)
+    golds = [list(pr.answers) for pr in probes]
+    closed = [cfg.prompt_format.format(question=pr.question) for pr in probes]
+    if open_book is None:
+        open_book = open_book_scores(base, tokenizer, memories, probes, tokens=tokens, cfg=cfg)
     return {"before": probe_eval.qa_scores(base, tokenizer, closed, golds, **kw),
             "after": probe_eval.qa_scores(model, tokenizer, closed, golds, **kw),
-            "open_book": probe_eval.qa_scores(base, tokenizer, opened, golds, **kw)}
+            "open_book": open_book}
 
 
 def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, probes, *,
@@ -435,12 +457,22 @@ def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, 
     tokens = dict(meta["tokens"])
     earlier = read_sleep_prompts(checkpoint)
     questions = [pr.question for pr in probes]
+    # the teacher's level first: a sleep whose teacher cannot answer has little to consolidate
+    opened = open_book_scores(base, tokenizer, memories, probes, tokens=tokens, cfg=cfg)
+    warning = None
+    if opened["em"] < LOW_OPEN_BOOK_EM:
+        warning = (f"the teacher's open-book EM is {opened['em']:.2f} on {len(probes)} probes "
+                   f"(below {LOW_OPEN_BOOK_EM}): it answers few of them even with the memory "
+                   "in context, so seeding has little to consolidate; check "
+                   "sleep.prompt_format, sleep.memory_separator and sleep.eval_tokens")
+        if is_writer():
+            log.warning("sleep: %s", warning)
     res = sleep(base, tokenizer, memories, tokens=tokens, cfg=cfg, seeding_cfg=seeding_cfg,
                 replay=replay, earlier=earlier, probe_questions=questions,
                 mesh=mesh, teacher_mesh=teacher_mesh, workdir=workdir, log_fn=log_fn,
                 desc="sleep: seeding")
     scores = evaluate_probes(res.model, base, tokenizer, memories, probes, tokens=tokens,
-                             cfg=cfg)
+                             cfg=cfg, open_book=opened)
     configs = configs_to_dict(cfg, seeding_cfg, replay)
     sleeps = list(meta.get("extra", {}).get("sleeps", []))
     sleeps.append({"slot": res.slot, "memories": len(memories), "configs": configs})
@@ -459,8 +491,14 @@ def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, 
               "steps": cfg.steps, "status": res.status,
               "step_s": res.step_s if len(res.times) > 3 else None,
               "configs": configs, "checkpoint": os.path.abspath(checkpoint),
-              "rehearsal": res.rehearsal,
-              "predictions_after": scores["after"]["predictions"]}
+              "rehearsal": res.rehearsal, "warning": warning,
+              "predictions_after": scores["after"]["predictions"],
+              "predictions": [{"memory_id": pr.memory_id, "question": pr.question,
+                               "answers": list(pr.answers), "before": b, "after": a,
+                               "open_book": o}
+                              for pr, b, a, o in zip(probes, scores["before"]["predictions"],
+                                                     scores["after"]["predictions"],
+                                                     scores["open_book"]["predictions"])]}
     if not is_writer():
         return report
     write_json(os.path.join(workdir, "report.json"), report)
@@ -478,5 +516,13 @@ def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, 
                   f"({d['kept']} kept, copy share {d['copy_share']:.2f}, {d['dropped_probe']} "
                   f"dropped for a probe question) and {rh['replay_rows']} replay rows, "
                   f"{rh['seconds']:.1f} s.", ""]
-    write_text(os.path.join(workdir, "report.md"), "\n".join(lines))
+    if warning:
+        lines += [f"**Warning:** {warning}.", ""]
+    cell = lambda t: " ".join(str(t).split()).replace("|", "\\|")
+    lines += ["## Predictions (greedy, closed book before and after; open book: the teacher)",
+              "", "| question | answers | before | after | open book |", "|---|---|---|---|---|"]
+    for r in report["predictions"]:
+        lines.append(f"| {cell(r['question'])} | {cell(' / '.join(r['answers']))} | "
+                     f"{cell(r['before'])} | {cell(r['after'])} | {cell(r['open_book'])} |")
+    write_text(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
     return report

@@ -170,8 +170,16 @@ def test_a_killed_sleep_resumes_to_the_same_report(tmp_path):
     a = json.loads(full.stdout.strip().splitlines()[-1])
     b = json.loads(resumed.stdout.strip().splitlines()[-1])
     for k in ("before", "after", "open_book", "predictions_after", "slot", "seeding_prompts",
-              "replay_prompts"):
+              "replay_prompts", "predictions", "warning"):
         assert a[k] == b[k], k
+    # the report shows every probe's answers before, after and open book, and warns when the
+    # teacher answers too few (this random model answers none with the memory in context)
+    rows = a["predictions"]
+    assert [r["question"] for r in rows] == [f"where does n{i} live ?" for i in range(4)]
+    assert [r["after"] for r in rows] == a["predictions_after"]
+    assert a["open_book"]["em"] < 0.3 and "open-book EM is 0.00" in a["warning"]
+    md = open(tmp_path / "full" / "out" / "report.md").read()
+    assert "## Predictions" in md and "where does n3 live ?" in md and "**Warning:**" in md
     la = [json.loads(x) for x in open(tmp_path / "full" / "out" / "metrics.jsonl")]
     lb = [json.loads(x) for x in open(tmp_path / "resumed" / "out" / "metrics.jsonl")]
     assert [r["step"] for r in lb] == list(range(1, 7))
