@@ -119,6 +119,9 @@ class SleepConfig:
     eval_every: the caller's eval callback every this many steps (and at the end).
     log_every / checkpoint_every / keep_checkpoints: the run loop (checkpoints with a workdir).
     eval_tokens / prompt_format: probe evaluation (greedy tokens, how a question is asked).
+    answer_cut: the part of each greedy answer scored (``eval.qa.cut_answer``): "sentence"
+      (its first line up to the first sentence end: a correct answer that goes on is not
+      scored wrong), "line" or "none" (all ``eval_tokens`` tokens).
     rehearse: dreaming after consolidation (``dream.rehearse.RehearseConfig``; off while its
       ``generator`` is ""): the trained generator dreams about the memories and the kept
       dreams train this sleep's slot further, mixed with the sleep's replay rows (needs
@@ -147,6 +150,7 @@ class SleepConfig:
     keep_checkpoints: int = 2
     progress_bar: bool = True
     eval_tokens: int = 8
+    answer_cut: str = "sentence"
     prompt_format: str = DEFAULT_FORMAT
     rehearse: RehearseConfig = RehearseConfig()
 
@@ -160,6 +164,10 @@ class SleepConfig:
             raise ValueError(f"SleepConfig.prompts={self.prompts!r}; allowed: {PROMPT_SOURCES}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"SleepConfig.objective={self.objective!r}; allowed: {OBJECTIVES}")
+        from sleep_jax.eval.qa import CUTS
+
+        if self.answer_cut not in CUTS:
+            raise ValueError(f"SleepConfig.answer_cut={self.answer_cut!r}; allowed: {CUTS}")
         if self.when_full not in WHEN_FULL:
             raise ValueError(f"SleepConfig.when_full={self.when_full!r}; allowed: {WHEN_FULL}")
         for name in ("steps", "batch_size", "slots", "rank"):
@@ -407,7 +415,7 @@ LOW_OPEN_BOOK_EM = 0.3
 def _probe_kw(tokens: Mapping, cfg: SleepConfig) -> dict:
     return dict(bos_id=tokens.get("bos_id") if tokens.get("add_bos", True) else None,
                 eos_id=tokens.get("eos_id"), pad_id=tokens.get("pad_id") or 0,
-                max_new_tokens=cfg.eval_tokens)
+                max_new_tokens=cfg.eval_tokens, cut=cfg.answer_cut)
 
 
 def open_book_scores(base, tokenizer, memories, probes, *, tokens: Mapping,

@@ -73,3 +73,22 @@ def test_answers_compile_once_for_a_model_and_its_one_device_mesh_copy(tiny_cfg)
     b = probes.answer(meshed, tok, prompts, **kw)
     assert a == b and len(a) == 3
     assert probes._greedy._cache_size() == before + 1
+
+
+def test_cut_answer_keeps_the_first_line_or_sentence():
+    from sleep_jax.eval.qa import cut_answer, exact_match
+
+    long = "Paris.\nQuestion: what is the capital of Peru? Answer: Lima"
+    assert cut_answer(long, "none") == long
+    assert cut_answer(long, "line") == "Paris."
+    assert cut_answer(long, "sentence") == "Paris."
+    assert cut_answer("\nParis is big. Rome too", "sentence") == "Paris is big."
+    assert cut_answer("it costs 3.5 euros. then", "sentence") == "it costs 3.5 euros."
+    assert cut_answer("who knows? maybe", "sentence") == "who knows?"
+    assert cut_answer("oslo", "sentence") == "oslo"  # no end: all of it
+    assert cut_answer("", "line") == ""
+    # scored on the cut: a correct answer that goes on is no longer a miss
+    assert exact_match(long, ["Paris"]) == 0.0
+    assert exact_match(cut_answer(long), ["Paris"]) == 1.0
+    with pytest.raises(ValueError, match="allowed"):
+        cut_answer("x", "word")

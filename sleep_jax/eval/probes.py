@@ -123,9 +123,10 @@ def answer(model, tokenizer, prompts: Sequence[str], *, bos_id: int | None, eos_
 
 
 def qa_scores(model, tokenizer, prompts: Sequence[str], golds: Sequence[Sequence[str]],
-              **kw) -> dict:
-    """{"em", "f1", "n", "predictions"} of greedy answers against gold answer lists."""
-    preds = answer(model, tokenizer, prompts, **kw)
+              cut: str = "none", **kw) -> dict:
+    """{"em", "f1", "n", "predictions"} of greedy answers against gold answer lists; ``cut``:
+    the part of each answer scored (``qa.cut_answer``; the predictions are the cut ones)."""
+    preds = [qa.cut_answer(p, cut) for p in answer(model, tokenizer, prompts, **kw)]
     out = qa.score(preds, golds)
     out["predictions"] = preds
     return out

@@ -37,6 +37,27 @@ def _check_golds(golds: Sequence[str]) -> Sequence[str]:
     return golds
 
 
+CUTS = ("none", "line", "sentence")
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def cut_answer(text: str, cut: str = "sentence") -> str:
+    """The part of a generated answer that is scored: everything ("none"), its first line
+    ("line"), or its first line up to the first sentence end, a ``.``/``!``/``?`` followed by
+    whitespace or the end ("sentence"; "3.5" and "e.g" are not ends). A model that answers
+    "Paris.\nQuestion: ..." is then scored on "Paris."."""
+    if cut not in CUTS:
+        raise ValueError(f"answer cut {cut!r}; allowed: {CUTS}")
+    if cut == "none":
+        return text
+    text = text.lstrip("\n").split("\n", 1)[0]
+    if cut == "sentence":
+        m = _SENTENCE_END.search(text)
+        if m:
+            text = text[:m.end()]
+    return text
+
+
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
     """1.0 if the normalised prediction equals some normalised gold answer, else 0.0."""
     pred = normalize_answer(prediction)
