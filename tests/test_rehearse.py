@@ -172,11 +172,27 @@ def test_routing_noise_scales_one_drawn_trained_slot_per_token():
     assert np.abs(got - plain).max() > 1e-3
 
 
+def _saved_generator(gen_dir, model, tok):
+    """A generator as `sleep-jax dream` saves it (model, extra.dream, the adapter beside it),
+    of rank 2 < the sleep model's 4 (zero-padded), random B as if trained."""
+    from sleep_jax.dream.generator import save_generator
+    from sleep_jax.models.checkpoint_dir import save_checkpoint
+
+    save_checkpoint(gen_dir, model, tok, tokens=TOKENS,
+                    extra={"dream": {"generator_slot": 1, "inner_slot": 2,
+                                     "dream_template": "{context} implications :"}})
+    rng = np.random.default_rng(0)
+    L, D = CFG.layers, CFG.embed
+    save_generator(str(gen_dir), {
+        "blocks.expert_a": rng.normal(0, 0.3, (L, D, 2)).astype(np.float32),
+        "blocks.expert_b": rng.normal(0, 0.3, (L, 2, D)).astype(np.float32)})
+    return gen_dir
+
+
 def test_sleep_command_rehearses_only_its_slot_and_no_probe_enters_any_row(tmp_path,
                                                                            monkeypatch):
     from sleep_jax.config import default_config_path
     from sleep_jax.distill.cli import main
-    from sleep_jax.dream.generator import save_generator
     from sleep_jax.models.checkpoint_dir import load_checkpoint, save_checkpoint
     from sleep_jax.sleep import PROMPTS_FILE
     from sleep_jax.train.loop import read_metrics
@@ -189,17 +205,7 @@ def test_sleep_command_rehearses_only_its_slot_and_no_probe_enters_any_row(tmp_p
     (tmp_path / "base" / PROMPTS_FILE).write_text("".join(json.dumps(
         {"sleep": 0, "slot": 0, "memory_id": "old", "prompt": p}) + "\n"
         for p in ["ru ta ne works as", PROBES[0]]))
-    # a generator as `sleep-jax dream` saves it (model, extra.dream, the adapter beside it),
-    # of rank 2 < the sleep model's 4 (zero-padded), random B as if trained
-    gen_dir = tmp_path / "gen"
-    save_checkpoint(gen_dir, model, tok, tokens=TOKENS,
-                    extra={"dream": {"generator_slot": 1, "inner_slot": 2,
-                                     "dream_template": "{context} implications :"}})
-    rng = np.random.default_rng(0)
-    L, D = CFG.layers, CFG.embed
-    save_generator(str(gen_dir), {
-        "blocks.expert_a": rng.normal(0, 0.3, (L, D, 2)).astype(np.float32),
-        "blocks.expert_b": rng.normal(0, 0.3, (L, 2, D)).astype(np.float32)})
+    gen_dir = _saved_generator(tmp_path / "gen", model, tok)
     mem = tmp_path / "m.jsonl"
     mem.write_text("".join(json.dumps({"id": m.id, "text": m.text}) + "\n" for m in MEMORIES))
     probes = tmp_path / "p.jsonl"
@@ -290,21 +296,12 @@ def test_a_cycle_with_a_generator_dreams_after_every_consolidation(tmp_path):
     the earlier cycle's slot stays bitwise as it was."""
     from sleep_jax.config import default_config_path
     from sleep_jax.cycle_cli import main
-    from sleep_jax.dream.generator import save_generator
     from sleep_jax.models.checkpoint_dir import load_checkpoint, save_checkpoint
 
     tok = _tokenizer()
     _, model = _slotted(E=3)  # slot 0: an earlier sleep's
     save_checkpoint(tmp_path / "base", model, tok, tokens=TOKENS)
-    gen_dir = tmp_path / "gen"
-    save_checkpoint(gen_dir, model, tok, tokens=TOKENS,
-                    extra={"dream": {"generator_slot": 1, "inner_slot": 2,
-                                     "dream_template": "{context} implications :"}})
-    rng = np.random.default_rng(0)
-    L, D = CFG.layers, CFG.embed
-    save_generator(str(gen_dir), {
-        "blocks.expert_a": rng.normal(0, 0.3, (L, D, 2)).astype(np.float32),
-        "blocks.expert_b": rng.normal(0, 0.3, (L, 2, D)).astype(np.float32)})
+    gen_dir = _saved_generator(tmp_path / "gen", model, tok)
     mem, probes = tmp_path / "m.jsonl", tmp_path / "p.jsonl"
     mem.write_text("".join(json.dumps({"id": m.id, "text": m.text}) + "\n"
                            for m in MEMORIES[:2]))
