@@ -36,7 +36,13 @@ def test_score_means_and_errors():
     assert out["n"] == 3
     assert out["em"] == pytest.approx(1 / 3)
     assert out["f1"] == pytest.approx((1 + 0 + 2 / 3) / 3)
-    assert qa.score([], []) == {"em": 0.0, "f1": 0.0, "n": 0}
+    # contains: "lima" yes, "the rome" vs "oslo" no, "red blue" holds "blue"
+    assert out["contains"] == pytest.approx(2 / 3)
+    assert qa.contains_match("He lives in the town of Saltcombe.", ["saltcombe"]) == 1.0
+    assert qa.contains_match("Saltcombes", ["Saltcombe"]) == 0.0  # whole words only
+    assert qa.contains_match("new york city", ["York City"]) == 1.0
+    assert qa.contains_match("anything", [""]) == 0.0  # an empty gold matches nothing
+    assert qa.score([], []) == {"em": 0.0, "f1": 0.0, "contains": 0.0, "n": 0}
     with pytest.raises(ValueError, match="2 predictions but 1 gold"):
         qa.score(["a", "b"], [["a"]])
     with pytest.raises(TypeError, match="wrap it"):

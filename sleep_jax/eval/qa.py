@@ -83,6 +83,16 @@ def f1_score(prediction: str, golds: Sequence[str]) -> float:
     return max(_f1(pred, _tokens(g)) for g in _check_golds(golds))
 
 
+def contains_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if some normalised gold answer occurs in the normalised prediction as whole words
+    ("lives in the town of Saltcombe" contains "Saltcombe"), else 0.0: the match for a chat
+    model that answers in a sentence. It rewards a prediction that lists many answers, so
+    read it beside EM and the predictions."""
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(normalize_answer(g) and f" {normalize_answer(g)} " in pred
+                     for g in _check_golds(golds)))
+
+
 def score(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:
     """Mean exact match and F1 over a set of questions.
 
@@ -91,14 +101,16 @@ def score(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[st
       golds: N lists of gold answers.
 
     Returns:
-      {"em": mean EM, "f1": mean F1, "n": N} (em and f1 are 0.0 when N = 0).
+      {"em": mean EM, "f1": mean F1, "contains": mean ``contains_match``, "n": N} (all 0.0
+      when N = 0).
     """
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions but {len(golds)} gold lists; "
                          "they must pair up one to one")
     n = len(predictions)
     if n == 0:
-        return {"em": 0.0, "f1": 0.0, "n": 0}
+        return {"em": 0.0, "f1": 0.0, "contains": 0.0, "n": 0}
     em = sum(exact_match(p, g) for p, g in zip(predictions, golds)) / n
     f1 = sum(f1_score(p, g) for p, g in zip(predictions, golds)) / n
-    return {"em": em, "f1": f1, "n": n}
+    contains = sum(contains_match(p, g) for p, g in zip(predictions, golds)) / n
+    return {"em": em, "f1": f1, "contains": contains, "n": n}
