@@ -273,14 +273,38 @@ def test_hf_tensor_errors_name_tensor_and_shapes(tmp_path):
         import_hf(tmp_path)
 
 
-def test_export_refuses_expert_slots(tmp_path):
+@pytest.mark.parametrize("router", [False, True])
+def test_export_with_slots_reimports_to_the_same_logits(tmp_path, router):
+    """A slept model leaves the framework: its slots beside the Llama tensors; import_hf gives
+    the same logits, transformers loads the model without its slots (the reference: the same
+    model with every slot masked off)."""
+    from sleep_jax.grow import activate_slot
     from sleep_jax.models import ModelConfig, create_model
 
-    model = create_model(ModelConfig(vocab=16, embed=8, mlp=16, layers=1, heads=2, kv_heads=1,
-                                     head_dim=4, expert_slots=2, expert_rank=2))
-    with pytest.raises(HFFormatError, match="expert_slots=2"):
-        export_hf(model, None, tmp_path / "out")
-    assert not os.path.exists(tmp_path / "out")
+    cfg = ModelConfig(vocab=16, embed=8, mlp=16, layers=2, heads=2, kv_heads=1, head_dim=4,
+                      expert_slots=2, expert_rank=2, expert_router=router)
+    model, _ = activate_slot(create_model(cfg, seed=0), None, 1, jax.random.key(3), std=0.5)
+    state = nnx.state(model)
+    b = state["blocks"]
+    b["expert_b"][...] = jax.random.normal(jax.random.key(4), b["expert_b"][...].shape)
+    if router:
+        b["expert_router_bias"][...] = jnp.full(b["expert_router_bias"][...].shape, 0.3)
+    nnx.update(model, state)
+    tokens = np.array([[1, 5, 7, 2, 9, 3]])
+    want = _forward(model, tokens)
+    out = export_hf(model, None, tmp_path / "out")
+    hf = json.load(open(os.path.join(out, "config.json")))
+    assert hf["sleep_jax_experts"] == {"slots": 2, "rank": 2, "router": router}
+    cfg2, params2, _, _, _ = import_hf(out)
+    assert cfg2 == cfg
+    back = model_from_params(cfg2, params2)
+    np.testing.assert_array_equal(_forward(back, tokens), want)
+    b["expert_mask"][...] = jnp.zeros_like(b["expert_mask"][...])  # slots off: the base model
+    nnx.update(model, state)
+    plain = _forward(model, tokens)
+    assert np.abs(plain - want).max() > 1e-3  # the slot changes the logits
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    np.testing.assert_allclose(_torch_logits(hf_model, tokens), plain, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- CLI

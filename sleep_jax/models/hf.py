@@ -12,6 +12,19 @@ rotate-half RoPE layout our decoder uses, so the mapping is reshapes and transpo
   model.layers.{l}.input_layernorm / post_attention_layernorm [D] -> blocks.attn_norm / mlp_norm
   model.norm.weight [D] -> final_norm;  lm_head.weight [V, D] -> unembed [D,V] (untied only)
 
+Expert slots (a model that slept) are written beside the Llama tensors, per layer, under names
+transformers does not use, with their shape in config.json's ``sleep_jax_experts`` ({"slots":
+E, "rank": R, "router": bool})::
+
+  model.layers.{l}.mlp.sleep_jax_expert_a     [E, D, R] -> blocks.expert_a [L,E,D,R]
+  model.layers.{l}.mlp.sleep_jax_expert_b     [E, R, D] -> blocks.expert_b [L,E,R,D]
+  model.layers.{l}.mlp.sleep_jax_expert_mask  [E]       -> blocks.expert_mask [L,E] (1 = on)
+  model.layers.{l}.mlp.sleep_jax_expert_router / _router_bias [E, D] / [E] (with a router)
+
+``import_hf`` reads them back to the same logits; transformers' ``LlamaForCausalLM`` loads the
+folder as the model without its slots (it warns that those weights are unused): the slots'
+``silu(h A) B`` branch has no Llama equivalent to merge into.
+
 Config fields that would change the math and that the decoder does not implement (biases,
 sliding windows, QK norm, other activations, RoPE scalings other than llama3, ...) are refused by
 name rather than silently ignored. Safetensors are read with a small memory-mapped reader (so
@@ -103,11 +116,21 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         raise HFFormatError(f"{where}: {e}") from None
 
 
+def _experts_from_hf(hf: dict, cfg: ModelConfig, where: str) -> ModelConfig:
+    ex = hf.get("sleep_jax_experts")
+    if not ex:
+        return cfg
+    try:
+        return cfg.replace(expert_slots=int(ex["slots"]), expert_rank=int(ex["rank"]),
+                           expert_router=bool(ex.get("router", False)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise HFFormatError(f"{where}: sleep_jax_experts={ex!r} is not valid ({e!r}); "
+                            "expected {'slots': E, 'rank': R, 'router': bool}") from None
+
+
 def config_to_hf(cfg: ModelConfig, tokens: dict | None = None) -> dict:
-    """HF LlamaConfig dict for ``cfg`` (legacy rope keys, read by transformers v4 and v5)."""
-    if cfg.expert_slots:
-        raise HFFormatError(f"expert_slots={cfg.expert_slots}: HF Llama has no expert slots; "
-                            f"export a model with expert_slots=0")
+    """HF LlamaConfig dict for ``cfg`` (legacy rope keys, read by transformers v4 and v5);
+    expert slots as ``sleep_jax_experts`` (module docstring)."""
     tokens = tokens or {}
     rope = None
     if cfg.rope_scaling is not None:
@@ -124,7 +147,24 @@ def config_to_hf(cfg: ModelConfig, tokens: dict | None = None) -> dict:
             "max_position_embeddings": cfg.max_seq_len, "attention_bias": False,
             "mlp_bias": False, "torch_dtype": "float32",
             "bos_token_id": tokens.get("bos_id"), "eos_token_id": tokens.get("eos_id"),
-            "pad_token_id": tokens.get("pad_id")}
+            "pad_token_id": tokens.get("pad_id"),
+            **({"sleep_jax_experts": {"slots": cfg.expert_slots, "rank": cfg.expert_rank,
+                                      "router": cfg.expert_router}}
+               if cfg.expert_slots else {})}
+
+
+_EXPERT = "mlp.sleep_jax_expert_"
+
+
+def _expert_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    E, R, D = cfg.expert_slots, cfg.expert_rank, cfg.embed
+    if not E:
+        return {}
+    parts = {"a": (E, D, R), "b": (E, R, D), "mask": (E,)}
+    if cfg.expert_router:
+        parts.update({"router": (E, D), "router_bias": (E,)})
+    return {f"model.layers.{i}.{_EXPERT}{k}": v for i in range(cfg.layers)
+            for k, v in parts.items()}
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -166,6 +206,7 @@ def _hf_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                       p + "mlp.down_proj.weight": (D, F)})
     if not cfg.tie_embeddings:
         names["lm_head.weight"] = (V, D)
+    names.update(_expert_names(cfg))
     return names
 
 
@@ -214,6 +255,12 @@ def params_from_hf_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig,
     }
     if not cfg.tie_embeddings:
         params["unembed"] = np.ascontiguousarray(t("lm_head.weight").T)
+    if cfg.expert_slots:
+        ex = lambda k: stack(lambda p: t(p + _EXPERT + k))
+        params["blocks"].update(expert_a=ex("a"), expert_b=ex("b"), expert_mask=ex("mask"))
+        if cfg.expert_router:
+            params["blocks"]["expert_router"] = ex("router")[..., None]
+            params["blocks"]["expert_router_bias"] = ex("router_bias")[..., None]
     return params
 
 
@@ -236,6 +283,13 @@ def hf_tensors_from_params(params: dict, cfg: ModelConfig) -> dict[str, np.ndarr
         out[p + "mlp.down_proj.weight"] = b["down"][i].T
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = np.asarray(params["unembed"], np.float32).T
+    if cfg.expert_slots:
+        parts = {"a": b["expert_a"], "b": b["expert_b"], "mask": b["expert_mask"]}
+        if cfg.expert_router:
+            parts.update(router=b["expert_router"][..., 0],
+                         router_bias=b["expert_router_bias"][..., 0])
+        for i in range(L):
+            out.update({f"model.layers.{i}.{_EXPERT}{k}": v[i] for k, v in parts.items()})
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -291,7 +345,7 @@ def import_hf(folder: str | os.PathLike):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path!r} is missing: not an HF model folder")
     hf = _read_json(cfg_path)
-    cfg = config_from_hf(hf, cfg_path)
+    cfg = _experts_from_hf(hf, config_from_hf(hf, cfg_path), cfg_path)
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         files = sorted(set(_read_json(index)["weight_map"].values()))
@@ -326,7 +380,7 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, tokens: dict | No
     tokenizer_config.json (special tokens, chat template). Atomic (temp dir, then rename).
 
     Args:
-      model: a Decoder (expert_slots must be 0).
+      model: a Decoder (its expert slots are written as in the module docstring).
       tokenizer: tokenizers.Tokenizer or None.
       out_dir: the folder to create (an existing one is replaced).
       tokens: special ids and chat template (``meta["tokens"]`` of ``load_checkpoint``).
