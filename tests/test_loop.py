@@ -168,6 +168,22 @@ def test_eval_cadence_and_records():
     assert [h.get("eval_n") for h in r.history] == [3, None, 6, 9, 10]
 
 
+def test_the_loop_says_once_how_long_the_remaining_steps_take(caplog):
+    import logging
+    import re
+
+    cfg = LoopConfig(steps=10, log_every=3, progress_bar=False)
+    with caplog.at_level(logging.INFO, logger="sleep_jax.train.loop"):
+        r = run_loop(_step, _state(), RngSource(_rng_batch, 0), cfg=cfg, desc="unit")
+    said = [m for m in caplog.messages if "remaining" in m]
+    assert len(said) == 1, caplog.messages
+    # the first read point after a timed step (step 3): 7 steps left at its step time
+    m = re.search(r"unit: step 3/10; ([0-9.]+) s per step .* the remaining 7 steps take about "
+                  r"([0-9.]+) (s|min)", said[0])
+    assert m, said[0]
+    assert float(m.group(1)) == pytest.approx(r.times[1], abs=0.006)
+
+
 @jax.jit
 def _bad_step(state, batch, key):
     bad = state["n"] >= 2  # steps 3.. are "non-finite"

@@ -298,6 +298,15 @@ def _postfix(rec: dict, step_s: float) -> dict:
     return out
 
 
+def _duration(seconds: float) -> str:
+    """'42 s', '3.5 min' or '1.2 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def run_loop(step: Callable, state, source, *, cfg: LoopConfig, rng=None,
              workdir: str | None = None, eval_fn: Callable[[int, Any], dict] | None = None,
              desc: str = "train", log_fn: Callable[[dict], None] | None = None,
@@ -376,6 +385,7 @@ def run_loop(step: Callable, state, source, *, cfg: LoopConfig, rng=None,
     window = 0  # steps since the last read point (after the first step)
     t_run = t_win = time.perf_counter()
     stop_run = 0
+    estimated = False
     try:
         with Preemption(enabled=ckpt is not None) as pre:
             while n < cfg.steps:
@@ -414,6 +424,13 @@ def run_loop(step: Callable, state, source, *, cfg: LoopConfig, rng=None,
                     if cfg.max_consecutive_skips > 0 and not stop_run and \
                             meta["consecutive_skips"] >= cfg.max_consecutive_skips:
                         stop_run = meta["consecutive_skips"]
+                if not estimated and len(times) >= 2 and n < cfg.steps and is_writer():
+                    estimated = True  # the first steady step time: say how long the rest is
+                    left = (cfg.steps - n) * times[-1]
+                    log.info("%s: step %d/%d; %.2f s per step after %.1f s for the first "
+                             "(compilation): the remaining %d steps take about %s (without "
+                             "evaluations and checkpoints)", desc, n, cfg.steps, times[-1],
+                             times[0], cfg.steps - n, _duration(left))
                 if do_record or stop_run:
                     rec = {"step": n, **{k: _host(v) for k, v in host["m"].items()}}
                     if "skipped" in host["m"]:
