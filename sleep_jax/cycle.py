@@ -212,6 +212,10 @@ def check_inputs(method: CycleMethod, inputs: CycleInputs) -> None:
     cfg, rep = method.sleep, method.replay
     if cfg is None:
         return
+    if cfg.chat:
+        raise ValueError(f"cycle method {method.name!r}: SleepConfig.chat=True is not "
+                         "supported by the cycle yet (its probe rows are raw prompts); use "
+                         "`sleep-jax sleep` for a chat model")
     need = []
     if rep.fraction > 0 and rep.source == "texts" and not inputs.replay_texts:
         need.append("replay_texts (ReplayConfig.source='texts')")

@@ -43,6 +43,7 @@ from sleep_jax.sleep_rows import (  # noqa: F401 (the sleep's rows, re-exported)
     ConcatBatches,
     Rows,
     batch_fn,
+    chat_parts,
     drop_probe_overlap,
     fitting_examples,
     memory_prompts,
@@ -119,6 +120,9 @@ class SleepConfig:
     eval_every: the caller's eval callback every this many steps (and at the end).
     log_every / checkpoint_every / keep_checkpoints: the run loop (checkpoints with a workdir).
     eval_tokens / prompt_format: probe evaluation (greedy tokens, how a question is asked).
+    chat: ask every prompt as a user's turn of the checkpoint's chat template (instruct
+      models): the student reads head + prompt + tail, the teacher head + memory + separator
+      + prompt + tail (the memory opens the user's turn); probes are asked the same way.
     answer_cut: the part of each greedy answer scored (``eval.qa.cut_answer``): "sentence"
       (its first line up to the first sentence end: a correct answer that goes on is not
       scored wrong), "line" or "none" (all ``eval_tokens`` tokens).
@@ -152,6 +156,7 @@ class SleepConfig:
     eval_tokens: int = 8
     answer_cut: str = "sentence"
     prompt_format: str = DEFAULT_FORMAT
+    chat: bool = False
     rehearse: RehearseConfig = RehearseConfig()
 
     def __post_init__(self):
@@ -160,6 +165,9 @@ class SleepConfig:
                              f"trains the sleep's expert slot after seeding: it needs "
                              f"expert=True and objective='seeding' (got expert={self.expert}, "
                              f"objective={self.objective!r})")
+        if self.rehearse.enabled and self.chat:
+            raise ValueError("SleepConfig.rehearse with chat=True is not supported yet (the "
+                             "generator's dreams are raw text); set one of them off")
         if self.prompts not in PROMPT_SOURCES:
             raise ValueError(f"SleepConfig.prompts={self.prompts!r}; allowed: {PROMPT_SOURCES}")
         if self.objective not in OBJECTIVES:
@@ -304,6 +312,8 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
     pad = tokens.get("pad_id") or 0
     bos = tokens.get("bos_id")
     bos = pad if bos is None else bos
+    if not tokens.get("add_bos", True):  # rows as the tokenizer writes them (probes alike)
+        bos = None
     eos = tokens.get("eos_id")
     np_rng = np.random.default_rng(cfg.seed + 17)
     key = jax.random.key(cfg.seed + 1)
@@ -331,12 +341,16 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
     else:
         replay_ids = None
         if replay.fraction > 0 and replay.source == "samples":
-            replay_ids = sample_replay_prompts(teacher, replay=replay, bos_id=bos, eos_id=eos,
-                                               pad_id=pad, rng=jax.random.fold_in(key, 98))
+            # with a chat template the model writes a user's message from the chat head
+            start = tokenizer.encode(chat_parts(tokens, tokenizer)[0]).ids if cfg.chat else ()
+            first = bos if bos is not None or start else tokens.get("bos_id", pad)
+            replay_ids = sample_replay_prompts(teacher, replay=replay, bos_id=first,
+                                               eos_id=eos, pad_id=pad, start=start,
+                                               rng=jax.random.fold_in(key, 98))
         rows = seeding_rows(tokenizer, memories, cfg=cfg, replay=replay, prompts=prompts,
                             replay_prompts=replay_prompts, replay_ids=replay_ids,
                             earlier=earlier, probe_questions=probe_questions,
-                            sleep_index=sleep_index, slot=slot)
+                            sleep_index=sleep_index, slot=slot, tokens=tokens)
         source = RngSource(batch_fn(rows, batch_size=cfg.batch_size, fraction=replay.fraction,
                                     bos_id=bos, pad_id=pad, lengths=row_lengths), np_rng)
         sstep = seeding.make_seeding_step(seeding_cfg, state, mesh, eos_id=eos, pad_id=pad)
@@ -418,15 +432,28 @@ def _probe_kw(tokens: Mapping, cfg: SleepConfig) -> dict:
                 max_new_tokens=cfg.eval_tokens, cut=cfg.answer_cut)
 
 
+def probe_prompt(question: str, *, cfg: SleepConfig, tokens: Mapping, tokenizer,
+                 memory: str | None = None) -> str:
+    """How a probe is asked: ``cfg.prompt_format``, after the memory (open book, as the
+    teacher reads it) when one is given, inside the chat template with ``cfg.chat``."""
+    text = cfg.prompt_format.format(question=question)
+    if memory is not None:
+        text = memory + cfg.memory_separator + text
+    if cfg.chat:
+        head, tail = chat_parts(tokens, tokenizer)
+        text = head + text + tail
+    return text
+
+
 def open_book_scores(base, tokenizer, memories, probes, *, tokens: Mapping,
                      cfg: SleepConfig) -> dict:
     """Open-book EM/F1 (and predictions): ``base`` answers each probe with its memory in
     context, as the teacher reads it."""
     from sleep_jax.eval import probes as probe_eval
 
-    fmt = lambda q: cfg.prompt_format.format(question=q)
     by_id = {m.id: m.text for m in memories}
-    opened = [by_id[pr.memory_id] + cfg.memory_separator + fmt(pr.question) for pr in probes]
+    opened = [probe_prompt(pr.question, cfg=cfg, tokens=tokens, tokenizer=tokenizer,
+                           memory=by_id[pr.memory_id]) for pr in probes]
     return probe_eval.qa_scores(base, tokenizer, opened, [list(pr.answers) for pr in probes],
                                 **_probe_kw(tokens, cfg))
 
@@ -439,7 +466,8 @@ def evaluate_probes(model, base, tokenizer, memories, probes, *, tokens: Mapping
 
     kw = _probe_kw(tokens, cfg)
     golds = [list(pr.answers) for pr in probes]
-    closed = [cfg.prompt_format.format(question=pr.question) for pr in probes]
+    closed = [probe_prompt(pr.question, cfg=cfg, tokens=tokens, tokenizer=tokenizer)
+              for pr in probes]
     if open_book is None:
         open_book = open_book_scores(base, tokenizer, memories, probes, tokens=tokens, cfg=cfg)
     return {"before": probe_eval.qa_scores(base, tokenizer, closed, golds, **kw),
@@ -447,40 +475,96 @@ def evaluate_probes(model, base, tokenizer, memories, probes, *, tokens: Mapping
             "open_book": open_book}
 
 
+def split_scores(probes, scores: Mapping) -> dict:
+    """{split: {"before"|"after"|"open_book": {"em", "f1", "contains", "n"}}} for probes that
+    name a split ({} when none does)."""
+    from sleep_jax.eval import qa
+
+    splits = sorted({pr.split for pr in probes if pr.split})
+    out = {}
+    for sp in splits:
+        idx = [i for i, pr in enumerate(probes) if pr.split == sp]
+        golds = [list(probes[i].answers) for i in idx]
+        out[sp] = {k: qa.score([scores[k]["predictions"][i] for i in idx], golds)
+                   for k in ("before", "after", "open_book")}
+    return out
+
+
+def retain_scores(model, base, tokenizer, questions, *, tokens: Mapping,
+                  cfg: SleepConfig) -> dict:
+    """General questions closed book before (base) and after (model): scores, and the share
+    of the questions the base answers (``contains``) that the model still answers."""
+    from sleep_jax.eval import probes as probe_eval
+    from sleep_jax.eval import qa
+
+    kw = _probe_kw(tokens, cfg)
+    golds = [list(q.answers) for q in questions]
+    asked = [probe_prompt(q.question, cfg=cfg, tokens=tokens, tokenizer=tokenizer)
+             for q in questions]
+    before = probe_eval.qa_scores(base, tokenizer, asked, golds, **kw)
+    after = probe_eval.qa_scores(model, tokenizer, asked, golds, **kw)
+    right = [i for i, (p, g) in enumerate(zip(before["predictions"], golds))
+             if qa.contains_match(p, g)]
+    kept = [i for i in right if qa.contains_match(after["predictions"][i], golds[i])]
+    return {"n": len(questions), "base_right": len(right), "kept": len(kept),
+            "retention": len(kept) / len(right) if right else float("nan"),
+            "before": before, "after": after}
+
+
 def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, probes, *,
                      workdir: str, cfg: SleepConfig, seeding_cfg: seeding.SeedingConfig,
                      replay: ReplayConfig, log_fn: Callable | None = None, mesh=None,
-                     teacher_mesh=None) -> dict:
+                     teacher_mesh=None, prompts: Mapping[str, Sequence[str]] | None = None,
+                     retain: Sequence = ()) -> dict:
     """A sleep on a checkpoint directory's model (``sleep-jax sleep``); writes into ``workdir``:
     model/ (the grown checkpoint with ``PROMPTS_FILE``: every sleep's seeding prompts),
     report.json, report.md, metrics.jsonl and train/ (checkpoints; re-running resumes).
-    Returns the report."""
+    ``prompts``: {memory id: seeding prompts} (``cfg.prompts == "given"``); ``retain``:
+    general questions (``data.jsonl.read_questions``) asked closed book before and after: the
+    retention figure is the share of those the base answers that the slept model still
+    answers. Probes with a ``split`` are also scored per split. Returns the report."""
     from sleep_jax.atomic import write_json, write_text
     from sleep_jax.models.checkpoint_dir import save_checkpoint
     from sleep_jax.runtime import is_writer
 
     if cfg.objective != "seeding":
         raise ValueError(f"sleep_checkpoint seeds memories; objective={cfg.objective!r}")
+    import time
+
     os.makedirs(workdir, exist_ok=True)
     tokens = dict(meta["tokens"])
+    if cfg.prompts == "given" and not prompts:
+        raise ValueError("SleepConfig.prompts='given' needs seeding prompts (sleep-jax sleep "
+                         "--prompts P.jsonl)")
     earlier = read_sleep_prompts(checkpoint)
+    wall = {}
+    t0 = time.perf_counter()
     questions = [pr.question for pr in probes]
     # the teacher's level first: a sleep whose teacher cannot answer has little to consolidate
     opened = open_book_scores(base, tokenizer, memories, probes, tokens=tokens, cfg=cfg)
     warning = None
-    if opened["em"] < LOW_OPEN_BOOK_EM:
-        warning = (f"the teacher's open-book EM is {opened['em']:.2f} on {len(probes)} probes "
+    wall["open_book_s"] = time.perf_counter() - t0
+    level = max(opened["em"], opened["contains"]) if cfg.chat else opened["em"]
+    if level < LOW_OPEN_BOOK_EM:
+        warning = (f"the teacher's open-book {'accuracy' if cfg.chat else 'EM'} is "
+                   f"{level:.2f} on {len(probes)} probes "
                    f"(below {LOW_OPEN_BOOK_EM}): it answers few of them even with the memory "
                    "in context, so seeding has little to consolidate; check "
                    "sleep.prompt_format, sleep.memory_separator and sleep.eval_tokens")
         if is_writer():
             log.warning("sleep: %s", warning)
+    t0 = time.perf_counter()
     res = sleep(base, tokenizer, memories, tokens=tokens, cfg=cfg, seeding_cfg=seeding_cfg,
-                replay=replay, earlier=earlier, probe_questions=questions,
+                replay=replay, earlier=earlier, probe_questions=questions, prompts=prompts,
                 mesh=mesh, teacher_mesh=teacher_mesh, workdir=workdir, log_fn=log_fn,
                 desc="sleep: seeding")
+    wall["sleep_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     scores = evaluate_probes(res.model, base, tokenizer, memories, probes, tokens=tokens,
                              cfg=cfg, open_book=opened)
+    retention = retain_scores(res.model, base, tokenizer, retain, tokens=tokens,
+                              cfg=cfg) if retain else None
+    wall["evaluation_s"] = time.perf_counter() - t0
     configs = configs_to_dict(cfg, seeding_cfg, replay)
     sleeps = list(meta.get("extra", {}).get("sleeps", []))
     sleeps.append({"slot": res.slot, "memories": len(memories), "configs": configs})
@@ -499,7 +583,8 @@ def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, 
               "steps": cfg.steps, "status": res.status,
               "step_s": res.step_s if len(res.times) > 3 else None,
               "configs": configs, "checkpoint": os.path.abspath(checkpoint),
-              "rehearsal": res.rehearsal, "warning": warning,
+              "rehearsal": res.rehearsal, "warning": warning, "wall_s": wall,
+              "splits": split_scores(probes, scores), "retention": retention,
               "predictions_after": scores["after"]["predictions"],
               "predictions": [{"memory_id": pr.memory_id, "question": pr.question,
                                "answers": list(pr.answers), "before": b, "after": a,
@@ -511,10 +596,23 @@ def sleep_checkpoint(checkpoint: str, base, tokenizer, meta: Mapping, memories, 
         return report
     write_json(os.path.join(workdir, "report.json"), report)
     lines = ["# Sleep report", "", f"Expert slot {res.slot}." if res.slot is not None else
-             "Full fine-tune.", "", "| probes | EM | F1 |", "|---|---|---|"]
+             "Full fine-tune.", "", "| probes | split | EM | F1 | contains |",
+             "|---|---|---|---|---|"]
     for name, key in (("closed book, before", "before"), ("closed book, after", "after"),
                       ("open book (teacher)", "open_book")):
-        lines.append(f"| {name} | {scores[key]['em']:.3f} | {scores[key]['f1']:.3f} |")
+        for split, sc in [("all", scores[key])] + [(k, v[key]) for k, v in
+                                                   report["splits"].items()]:
+            lines.append(f"| {name} | {split} | {sc['em']:.3f} | {sc['f1']:.3f} | "
+                         f"{sc['contains']:.3f} |")
+    if retention is not None:
+        lines += ["", f"Retention on {retention['n']} general questions: the base answers "
+                  f"{retention['base_right']} (contains {retention['before']['contains']:.3f}, "
+                  f"EM {retention['before']['em']:.3f}); after the sleep contains "
+                  f"{retention['after']['contains']:.3f}, EM {retention['after']['em']:.3f}; "
+                  f"{retention['kept']} of the base's {retention['base_right']} still answered "
+                  f"(retention {retention['retention']:.3f})."]
+    lines += ["", "Wall time: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s"
+                                            for k, v in wall.items()) + "."]
     lines += ["", f"{len(res.rows.seeding)} seeding prompts ({res.rows.dropped} dropped for "
               f"overlapping a probe), {len(res.rows.replay)} replay prompts "
               f"({res.rows.earlier} from earlier sleeps), {cfg.steps} steps.", ""]

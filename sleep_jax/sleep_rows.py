@@ -69,6 +69,28 @@ class Rows:
     records: list[dict]  # this sleep's seeding prompts, for PROMPTS_FILE
     dropped: int  # prompts dropped for overlapping a probe
     earlier: int  # replay rows from earlier sleeps
+    head: list[int] = dataclasses.field(default_factory=list)  # student's chat head (chat_parts)
+
+
+_SENTINEL = "\x00SLEEP_JAX_USER_TEXT\x00"
+
+
+def chat_parts(tokens: Mapping, tokenizer) -> tuple[str, str]:
+    """(head, tail): a chat template's text before and after one user turn's content, ending
+    with the assistant's header (``models.cli.render_chat``), so that ``head + text + tail``
+    is ``text`` asked as a user. A template that does not keep the text verbatim is refused."""
+    from sleep_jax.models.cli import render_chat
+
+    template = tokens.get("chat_template")
+    if not template:
+        raise ValueError("SleepConfig.chat=True but the checkpoint has no chat template "
+                         "(tokens.chat_template is empty); set sleep.chat=False")
+    text = render_chat(template, _SENTINEL, tokens, tokenizer)
+    if text.count(_SENTINEL) != 1:
+        raise ValueError("SleepConfig.chat=True: the chat template does not place the user's "
+                         "text verbatim once; set sleep.chat=False")
+    head, tail = text.split(_SENTINEL)
+    return head, tail
 
 
 def seeding_rows(tokenizer, memories, *, cfg: SleepConfig, replay: ReplayConfig,
@@ -76,7 +98,8 @@ def seeding_rows(tokenizer, memories, *, cfg: SleepConfig, replay: ReplayConfig,
                  replay_prompts: Sequence[str] | None = None,
                  replay_ids: Sequence[Sequence[int]] | None = None,
                  earlier: Sequence[dict] = (), probe_questions: Sequence[str] = (),
-                 sleep_index: int = 0, slot: int | None = None) -> Rows:
+                 sleep_index: int = 0, slot: int | None = None,
+                 tokens: Mapping | None = None) -> Rows:
     """The seeding and replay rows of a sleep (see the module docstring, step 2).
 
     Args:
@@ -87,8 +110,14 @@ def seeding_rows(tokenizer, memories, *, cfg: SleepConfig, replay: ReplayConfig,
       replay_ids: replay prompts already as ids (``replay.source == "samples"``).
       earlier: earlier sleeps' prompt records (``read_sleep_prompts``).
       probe_questions: evaluation questions; prompts containing one are dropped.
+      tokens: the checkpoint's special tokens and chat template (``cfg.chat``).
     """
     enc = lambda s: tokenizer.encode(s).ids
+    # with a chat template: the teacher reads head + memory + prompt + tail (the memory opens
+    # the user's turn), the student head + prompt + tail; a replay row is head + prompt + tail
+    head, tail = chat_parts(tokens or {}, tokenizer) if cfg.chat else ("", "")
+    h = enc(head) if head else []
+    ask = (lambda ids: ids + enc(tail)) if tail else (lambda ids: ids)
     rows, records, dropped = [], [], 0
     for m in memories:
         if cfg.prompts == "given":
@@ -101,8 +130,8 @@ def seeding_rows(tokenizer, memories, *, cfg: SleepConfig, replay: ReplayConfig,
         if probe_questions:
             ps, d = drop_probe_overlap(ps, list(probe_questions))
             dropped += d
-        mem = enc(m.text + cfg.memory_separator)
-        rows += [(mem, enc(p)) for p in ps]
+        mem = h + enc(m.text + cfg.memory_separator)
+        rows += [(mem, ask(enc(p))) for p in ps]
         records += [{"sleep": sleep_index, "slot": slot, "memory_id": m.id, "prompt": p}
                     for p in ps]
     if not rows:
@@ -113,9 +142,9 @@ def seeding_rows(tokenizer, memories, *, cfg: SleepConfig, replay: ReplayConfig,
         if replay.source == "prompts":
             if not replay_prompts:
                 raise ValueError("ReplayConfig.source='prompts' needs replay prompts")
-            rep += [([], enc(p)) for p in replay_prompts]
+            rep += [(h, ask(enc(p))) for p in replay_prompts]
         elif replay.source == "samples":
-            rep += [([], list(p)) for p in (replay_ids or [])]
+            rep += [(h, ask(list(p))) for p in (replay_ids or [])]
         elif replay.source == "texts":
             raise ValueError("ReplayConfig.source='texts' is the SFT objective's replay; "
                              "seeding replays 'prompts' or 'samples'")
@@ -125,18 +154,25 @@ def seeding_rows(tokenizer, memories, *, cfg: SleepConfig, replay: ReplayConfig,
         if probe_questions:  # an earlier sleep saw other probes: check against these too
             ps, d = drop_probe_overlap(ps, list(probe_questions))
             dropped += d
-        rep += [([], enc(p)) for p in ps]
+        rep += [(h, ask(enc(p))) for p in ps]
         n_earlier = len(ps)
-    return Rows(rows, rep, records, dropped, n_earlier)
+    return Rows(rows, rep, records, dropped, n_earlier, h)
 
 
-def sample_replay_prompts(model, *, replay: ReplayConfig, bos_id: int, eos_id: int | None,
-                          pad_id: int, rng) -> list[list[int]]:
-    """Prefixes of the model's own unconditional samples (replay prompts without labels)."""
+def sample_replay_prompts(model, *, replay: ReplayConfig, bos_id: int | None,
+                          eos_id: int | None, pad_id: int, rng,
+                          start: Sequence[int] = ()) -> list[list[int]]:
+    """Prefixes of the model's own unconditional samples (replay prompts without labels);
+    ``start``: ids after the BOS that every sample continues (a chat head: the model writes a
+    user's message)."""
     from sleep_jax.sampling import generate
 
     n = replay.samples
-    out = generate(model, np.full((n, 1), bos_id, np.int32), np.ones(n, np.int32), rng,
+    first = ([] if bos_id is None else [bos_id]) + list(start)
+    if not first:
+        raise ValueError("replay samples need a first token: a BOS id or a chat head")
+    out = generate(model, np.tile(np.asarray(first, np.int32), (n, 1)),
+                   np.full(n, len(first), np.int32), rng,
                    max_new_tokens=replay.sample_tokens, temperature=1.0, eos_id=eos_id,
                    pad_id=pad_id)
     from sleep_jax.runtime import host_read
@@ -146,7 +182,7 @@ def sample_replay_prompts(model, *, replay: ReplayConfig, bos_id: int, eos_id: i
             for i in range(n) if lens[i] > 1]
 
 
-def batch_fn(rows: Rows, *, batch_size: int, fraction: float, bos_id: int, pad_id: int,
+def batch_fn(rows: Rows, *, batch_size: int, fraction: float, bos_id: int | None, pad_id: int,
              lengths: tuple[int, int] | None = None):
     """``fn(np_rng) -> SeedingBatch``: B - round(fraction * B) seeding rows and the rest replay
     rows, drawn with replacement and shuffled (the lambda split then hits both kinds).
@@ -158,7 +194,7 @@ def batch_fn(rows: Rows, *, batch_size: int, fraction: float, bos_id: int, pad_i
     B = batch_size
     n_old = int(round(fraction * B)) if old else 0
     P = max(len(m) + len(p) for m, p in new + old) + 1
-    Q = max(len(p) for _, p in new + old) + 1
+    Q = max(len(p) for _, p in new + old) + len(rows.head) + 1
     if lengths is not None:
         if lengths[0] < P or lengths[1] < Q:
             raise ValueError(f"row lengths {tuple(lengths)} are shorter than this sleep's "
@@ -171,7 +207,8 @@ def batch_fn(rows: Rows, *, batch_size: int, fraction: float, bos_id: int, pad_i
         order = rng.permutation(B)
         pick = [pick[i] for i in order]
         return seeding.make_batch([m for m, _ in pick], [p for _, p in pick], bos_id=bos_id,
-                                  teacher_len=P, student_len=Q, pad_id=pad_id)
+                                  teacher_len=P, student_len=Q, pad_id=pad_id,
+                                  student_head=rows.head)
 
     return fn
 

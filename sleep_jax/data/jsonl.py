@@ -14,7 +14,13 @@ probes (closed-book questions that test whether a memory was consolidated)::
     {"memory_id": "m1", "question": "Where does Ada Vell live?", "answers": ["Porto"]}
 
   `memory_id`: the `id` of a memory (checked when the memory ids are given). `question`: non-empty
-  string. `answers`: non-empty list of non-empty strings; any one counts as correct.
+  string. `answers`: non-empty list of non-empty strings; any one counts as correct. Optional
+  `split`: a string naming the probe's set (e.g. "val" to choose settings on, "test" to
+  report); a report then gives each split's scores.
+
+questions (general knowledge for retention, no memory: ``read_questions``)::
+
+    {"question": "What is the capital of France?", "answers": ["Paris"]}
 
 texts (plain text for language-model training)::
 
@@ -63,6 +69,7 @@ class Probe:
     memory_id: str
     question: str
     answers: tuple[str, ...]
+    split: str = ""  # optional: e.g. "val" (choose settings on it) or "test" (report it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,15 +166,48 @@ def read_probes(
         if known is not None and memory_id not in known:
             line.fail(f"unknown memory_id {memory_id!r} (not among the {len(known)} memory ids)")
         question = _field(obj, "question", str, line)
-        answers = _field(obj, "answers", list, line)
-        if not answers:
-            line.fail("key 'answers' is an empty list; give at least one accepted answer")
-        for i, answer in enumerate(answers):
-            if not isinstance(answer, str) or not answer.strip():
-                line.fail(f"answers[{i}] must be a non-empty string, got {answer!r}")
-        return Probe(memory_id, question, tuple(answers))
+        answers = _answers(obj, line)
+        split = obj.get("split", "")
+        if not isinstance(split, str):
+            line.fail(f"key 'split' must be a string, got {split!r}")
+        return Probe(memory_id, question, answers, split)
 
     return _read(path, parse, "probes")
+
+
+def _answers(obj: dict, line: _Line) -> tuple[str, ...]:
+    answers = _field(obj, "answers", list, line)
+    if not answers:
+        line.fail("key 'answers' is an empty list; give at least one accepted answer")
+    for i, answer in enumerate(answers):
+        if not isinstance(answer, str) or not answer.strip():
+            line.fail(f"answers[{i}] must be a non-empty string, got {answer!r}")
+    return tuple(answers)
+
+
+def read_questions(path: str | os.PathLike) -> list[Probe]:
+    """Reads a questions file (no memory): lines `{"question": str, "answers": [str, ...]}`,
+    as Probes with an empty `memory_id`."""
+    return _read(path, lambda obj, line: Probe("", _field(obj, "question", str, line),
+                                               _answers(obj, line)), "questions")
+
+
+def read_prompts(path: str | os.PathLike,
+                 memory_ids: Collection[str] | None = None) -> dict[str, list[str]]:
+    """Reads a seeding-prompts file: lines `{"memory_id": str, "prompt": str}` -> {memory id:
+    prompts in file order}; with ``memory_ids`` every one must be known."""
+    known = None if memory_ids is None else set(memory_ids)
+
+    def parse(obj: dict, line: _Line) -> tuple[str, str]:
+        memory_id = _field(obj, "memory_id", str, line)
+        if known is not None and memory_id not in known:
+            line.fail(f"unknown memory_id {memory_id!r} (not among the {len(known)} memory ids)")
+        return memory_id, _field(obj, "prompt", str, line)
+
+    out: dict[str, list[str]] = {}
+    for memory_id, prompt in _read(path, parse, "prompts"):
+        out.setdefault(memory_id, []).append(prompt)
+    return out
 
 
 def read_texts(path: str | os.PathLike) -> list[Text]:

@@ -6,7 +6,10 @@
 1. Load the checkpoint (A's format) and the JSONL memories/probes (B's formats).
 2. Seeding prompts come from the memories themselves, never from the probes: every sentence of
    a memory cut after its 2nd..(n-1)th word is a continuation prompt (the teacher reads the
-   memory first, the student only the prefix). Any prompt that contains a probe question is
+   memory first, the student only the prefix); or from ``--prompts`` (e.g. questions in
+   wordings the probes do not use) with ``--config.sleep.prompts=given``. With
+   ``--config.sleep.chat=True`` every prompt is a user's turn of the checkpoint's chat
+   template (the memory opens the teacher's turn). Any prompt that contains a probe question is
    dropped, and the count is reported. Replay prompts come from the model itself: prefixes of
    texts it samples unconditionally (no labels), answered by the pre-sleep model.
 3. Grow once to pre-allocated expert slots (exact) and seed only the NEXT FREE slot, with
@@ -47,6 +50,10 @@ FLAGS = (Flag("checkpoint", help="checkpoint directory (sleep-jax import / train
          Flag("memories", help='JSONL {"id", "text"}', required=True),
          Flag("probes", help='JSONL {"memory_id", "question", "answers"}', required=True),
          Flag("workdir", help="run folder (re-running resumes)", required=True),
+         Flag("prompts", help='JSONL {"memory_id", "prompt"}: seeding prompts (with '
+              "--config.sleep.prompts=given; default: cut from the memories)", default=""),
+         Flag("retain", help='JSONL {"question", "answers"}: general questions asked before '
+              "and after, for retention", default=""),
          Flag("allow_config_change", bool, False,
               help="resume even though the saved config.json differs"), *RUNTIME_FLAGS)
 
@@ -98,7 +105,13 @@ def meshes(config):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sleep_jax.data.jsonl import JsonlError, read_memories, read_probes
+    import logging
+
+    from sleep_jax.data.jsonl import (JsonlError, read_memories, read_probes, read_prompts,
+                                      read_questions)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sleep_jax").setLevel(logging.INFO)
     from sleep_jax.models.checkpoint_dir import CheckpointError, load_checkpoint
 
     try:
@@ -110,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         check_run_config(a["workdir"], config, a["allow_config_change"])
         memories = read_memories(a["memories"])
         probes = read_probes(a["probes"], memory_ids={m.id for m in memories})
+        if bool(a["prompts"]) != (sleep_cfg.prompts == "given"):
+            raise ValueError(f"--prompts={a['prompts']!r} with sleep.prompts="
+                             f"{sleep_cfg.prompts!r}: give a prompts file exactly when "
+                             "sleep.prompts is 'given'")
+        prompts = read_prompts(a["prompts"], memory_ids={m.id for m in memories}) \
+            if a["prompts"] else None
+        retain = read_questions(a["retain"]) if a["retain"] else ()
         # straight onto the teacher's shards: on many processes no process holds it all
         base, tok, meta = load_checkpoint(a["checkpoint"], mesh=teacher_mesh or mesh)
         if tok is None:
@@ -133,10 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         write_run_config(a["workdir"], config, a["allow_config_change"])
     report = run_sleep(a["checkpoint"], base, tok, meta, memories, probes, seeding_cfg,
                        workdir=a["workdir"], sleep_cfg=sleep_cfg, replay_cfg=replay_cfg,
-                       mesh=mesh, teacher_mesh=teacher_mesh)
+                       mesh=mesh, teacher_mesh=teacher_mesh, prompts=prompts, retain=retain)
     if not is_writer():
         return 0
-    print(json.dumps({k: report[k] for k in ("before", "after", "open_book")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("before", "after", "open_book", "splits")
+                      if report.get(k)}, indent=2))
+    if report.get("retention"):
+        r = report["retention"]
+        print(f"retention: {r['kept']} of the {r['base_right']} general questions the base "
+              f"answers are still answered ({r['retention']:.3f})")
     print(f"outputs in {a['workdir']}: report.json, report.md, metrics.jsonl, model/ (the "
           f"grown checkpoint; sleep on it again with --checkpoint {a['workdir']}/model)")
     return 0
@@ -144,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_sleep(checkpoint, base, tok, meta, memories, probes, seeding_cfg=None, *,
               workdir: str, sleep_cfg=None, replay_cfg=None, mesh=None,
-              teacher_mesh=None) -> dict:
+              teacher_mesh=None, prompts=None, retain=()) -> dict:
     """The sleep behind the CLI: ``sleep_jax.sleep.sleep_checkpoint`` (see module docstring)."""
     from sleep_jax.sleep import ReplayConfig, SleepConfig, sleep_checkpoint
 
@@ -152,4 +177,4 @@ def run_sleep(checkpoint, base, tok, meta, memories, probes, seeding_cfg=None, *
                             cfg=sleep_cfg or SleepConfig(),
                             seeding_cfg=seeding_cfg or seeding.SeedingConfig(),
                             replay=replay_cfg or ReplayConfig(), mesh=mesh,
-                            teacher_mesh=teacher_mesh)
+                            teacher_mesh=teacher_mesh, prompts=prompts, retain=retain)

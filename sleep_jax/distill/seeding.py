@@ -116,13 +116,17 @@ class SeedingBatch(NamedTuple):
     student_len: jax.Array
 
 
-def make_batch(memories, prompts, *, bos_id: int, teacher_len: int,
-               student_len: int, pad_id: int = 0) -> SeedingBatch:
-    """Build a SeedingBatch from token-id lists (an empty memory makes a replay row): teacher
-    prefixes [B, teacher_len] = bos + memory + prompt, student prefixes [B, student_len] =
-    bos + prompt, right-padded (`data.tokenizers.pad_rows`; a row too long is named)."""
-    teacher = [[bos_id, *m, *p] for m, p in zip(memories, prompts)]
-    student = [[bos_id, *p] for p in prompts]
+def make_batch(memories, prompts, *, bos_id: int | None, teacher_len: int,
+               student_len: int, pad_id: int = 0, student_head=()) -> SeedingBatch:
+    """Build a SeedingBatch from token-id lists: teacher prefixes [B, teacher_len] = bos +
+    memory + prompt, student prefixes [B, student_len] = bos + student_head + prompt,
+    right-padded (`data.tokenizers.pad_rows`; a row too long is named). A replay row's memory
+    is ``student_head`` itself (empty without a chat template), so its two prefixes are equal.
+    ``bos_id`` None: no BOS (a model whose tokenizer adds none, e.g. SmolLM2); ``student_head``:
+    the chat template's tokens before the user's text (``sleep_rows.chat_parts``)."""
+    head = [] if bos_id is None else [bos_id]
+    teacher = [[*head, *m, *p] for m, p in zip(memories, prompts)]
+    student = [[*head, *student_head, *p] for p in prompts]
     tp, tl = pad_rows(teacher, pad_id=pad_id, width=teacher_len,
                       where="seeding row (teacher prefix: bos + memory + prompt)")
     sp, sl = pad_rows(student, pad_id=pad_id, width=student_len,
