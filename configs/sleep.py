@@ -15,7 +15,10 @@ Sections (each the frozen dataclass beside the code that uses it):
   teacher_mesh  the teacher's layout over the same devices ("" = the student's mesh)
 Many processes: every process runs the same command (``sleep-jax launch --nproc N -- sleep-jax
 sleep ...`` or a launch/ script); process 0 writes the files.
-Presets: the default, and ``quick`` (20 steps, a smoke run).
+Presets: the default, ``quick`` (20 steps, a smoke run) and ``smollm2`` (an instruct model:
+SmolLM2-135M-Instruct from ``sleep-jax import --from smollm2``; its chat template, given
+question prompts, answers of up to 20 tokens scored on their first sentence; with the files of
+``sleep-jax example-data``, see the README's "A real model sleeps").
 """
 
 import ml_collections
@@ -23,10 +26,17 @@ import ml_collections
 from sleep_jax.config import section
 from sleep_jax.distill.seeding import SeedingConfig
 from sleep_jax.sleep import ReplayConfig, SleepConfig
+from sleep_jax.train.optim import OptimConfig
 
 _PRESETS = {
     "default": dict(sleep={}, seeding={}),
     "quick": dict(sleep=dict(steps=20, batch_size=8), seeding={}),
+    "smollm2": dict(sleep=dict(steps=60, batch_size=4, chat=True, prompts="given",
+                               prompt_format="{question}", memory_separator="\n",
+                               eval_tokens=20, checkpoint_every=10,
+                               optim=OptimConfig(lr=5e-2, warmup_steps=10, weight_decay=0.0)),
+                    seeding=dict(max_new_tokens=12, divergence="forward_kl"),
+                    replay=dict(fraction=0.25, samples=32)),
 }
 
 
@@ -38,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.preset = name
     config.sleep = section(SleepConfig, **p["sleep"])
-    config.replay = section(ReplayConfig)
+    config.replay = section(ReplayConfig, **p.get("replay", {}))
     config.seeding = section(SeedingConfig, **p["seeding"])
     config.mesh = "fsdp=-1"
     config.teacher_mesh = ""

@@ -13,6 +13,8 @@ COMMANDS = {
     "demo": ("sleep_jax.demo", "main", "the CPU demo: train a tiny model, sleep, evaluate"),
     "train": ("sleep_jax.train.cli", "main", "train from a config (resumes in its workdir)"),
     "sleep": ("sleep_jax.distill.cli", "main", "Knowledge Seeding on your model and memories"),
+    "example-data": ("sleep_jax.data.fictional", "main",
+                     "write fictional facts, probes and a retention list (JSONL)"),
     "cycle": ("sleep_jax.cycle_cli", "main", "wake/sleep cycles over a memory stream"),
     "dream": ("sleep_jax.dream.cli", "main", "train a dream generator on a task set (JSONL)"),
     "grow": ("sleep_jax.grow.cli", "main", "grow a checkpoint (function preserving)"),
@@ -28,7 +30,7 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: sleep-jax <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {doc}" for name, (_, _, doc) in COMMANDS.items()]
+    lines += [f"  {name:<12} {doc}" for name, (_, _, doc) in COMMANDS.items()]
     lines += ["", "Run `sleep-jax <command> --help` for a command's options."]
     return "\n".join(lines)
 

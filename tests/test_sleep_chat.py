@@ -157,3 +157,24 @@ def test_a_chat_sleep_reports_splits_retention_and_its_wall_time(tmp_path):
         sleep_checkpoint(str(tmp_path / "base"), base, tok2, meta, mems, probes,
                          workdir=str(tmp_path / "s2"), cfg=cfg,
                          seeding_cfg=SeedingConfig(), replay=ReplayConfig())
+
+
+def test_example_data_keeps_probe_wordings_out_of_the_prompts(tmp_path, capsys):
+    from sleep_jax.data import fictional
+    from sleep_jax.data.jsonl import read_memories
+
+    assert fictional.main(["--out", str(tmp_path)]) == 0
+    mems = read_memories(tmp_path / "memories.jsonl")
+    probes = read_probes(tmp_path / "probes.jsonl", {m.id for m in mems})
+    prompts = read_prompts(tmp_path / "prompts.jsonl", {m.id for m in mems})
+    retain = read_questions(tmp_path / "retain.jsonl")
+    assert len(mems) == 30 and len(probes) == 60 and len(retain) == len(fictional.GENERAL_QA)
+    assert {p.split for p in probes} == {"val", "test"}
+    every_prompt = {p.lower() for ps in prompts.values() for p in ps}
+    for pr in probes:  # the memory states the answer; no seeding prompt is a probe question
+        assert pr.answers[0] in {m.id: m.text for m in mems}[pr.memory_id]
+        assert pr.question.lower() not in every_prompt
+    names = [m.text.split(" lives")[0].split(" works")[0].split(" has")[0] for m in mems]
+    assert len(set(names)) == 30  # one fact per person
+    assert fictional.main(["--out", str(tmp_path / "x"), "--facts", "99"]) == 2
+    assert "n=99 facts; allowed: 1..36" in capsys.readouterr().err
