@@ -8,14 +8,27 @@ import json
 import numpy as np
 import pytest
 
-from sleep_jax.data.jsonl import (JsonlError, Memory, Probe, read_probes, read_prompts,
-                                  read_questions)
+from sleep_jax.data.jsonl import (
+    JsonlError,
+    Memory,
+    Probe,
+    read_probes,
+    read_prompts,
+    read_questions,
+)
 from sleep_jax.distill.seeding import SeedingConfig
 from sleep_jax.models import create_model, get_preset
 from sleep_jax.models.checkpoint_dir import load_checkpoint, save_checkpoint
 from sleep_jax.models.cli import render_chat
-from sleep_jax.sleep import (ReplayConfig, SleepConfig, batch_fn, chat_parts, probe_prompt,
-                             seeding_rows, sleep_checkpoint)
+from sleep_jax.sleep import (
+    ReplayConfig,
+    SleepConfig,
+    batch_fn,
+    chat_parts,
+    probe_prompt,
+    seeding_rows,
+    sleep_checkpoint,
+)
 
 TEMPLATE = ("{% for m in messages %}<s> <user> {{ m.content }} </user>{% endfor %}"
             "{% if add_generation_prompt %} <bot>{% endif %}")

@@ -100,7 +100,7 @@ def example_files(n: int = 30, seed: int = 0) -> dict[str, list[dict]]:
     out = {"memories.jsonl": [], "prompts.jsonl": [], "probes.jsonl": [], "retain.jsonl": []}
     for f in make_facts(n, seed):
         _, memory, train, val, test = RELATIONS[f["relation"]]
-        fill = lambda t: t.format(name=f["name"], answer=f["answer"])
+        fill = lambda t, f=f: t.format(name=f["name"], answer=f["answer"])
         out["memories.jsonl"].append({"id": f["id"], "text": fill(memory)})
         out["prompts.jsonl"] += [{"memory_id": f["id"], "prompt": fill(t)} for t in train]
         out["probes.jsonl"] += [{"memory_id": f["id"], "question": fill(t),

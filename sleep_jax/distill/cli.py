@@ -107,8 +107,13 @@ def meshes(config):
 def main(argv: list[str] | None = None) -> int:
     import logging
 
-    from sleep_jax.data.jsonl import (JsonlError, read_memories, read_probes, read_prompts,
-                                      read_questions)
+    from sleep_jax.data.jsonl import (
+        JsonlError,
+        read_memories,
+        read_probes,
+        read_prompts,
+        read_questions,
+    )
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("sleep_jax").setLevel(logging.INFO)
