@@ -352,7 +352,9 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
         if replay.fraction > 0 and replay.source == "samples":
             # with a chat template the model writes a user's message from the chat head
             start = tokenizer.encode(chat_parts(tokens, tokenizer)[0]).ids if cfg.chat else ()
-            first = bos if bos is not None or start else tokens.get("bos_id", pad)
+            # no BOS in the rows and no chat head: samples still start from the bos id (or pad)
+            fallback = tokens.get("bos_id")
+            first = bos if bos is not None or start else (pad if fallback is None else fallback)
             replay_ids = sample_replay_prompts(teacher, replay=replay, bos_id=first,
                                                eos_id=eos, pad_id=pad, start=start,
                                                rng=jax.random.fold_in(key, 98))
