@@ -79,7 +79,7 @@ def chat_parts(tokens: Mapping, tokenizer) -> tuple[str, str]:
     """(head, tail): a chat template's text before and after one user turn's content, ending
     with the assistant's header (``models.cli.render_chat``), so that ``head + text + tail``
     is ``text`` asked as a user. A template that does not keep the text verbatim is refused."""
-    from sleep_jax.models.cli import render_chat
+    from sleep_jax.models.chat import render_chat
 
     template = tokens.get("chat_template")
     if not template:

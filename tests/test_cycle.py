@@ -35,6 +35,7 @@ def _run(workdir, cache, kill=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # ~80-110 s (three cycle subprocesses): the suite was 20 min 6 s on a slow host
 def test_killed_cycles_resume_to_the_same_figures(tmp_path):
     cache = tmp_path / "jax_cache"
     full = _run(tmp_path / "full", cache)

@@ -3,7 +3,7 @@
     0 data/ models/ mesh checkpoint atomic runtime eval/qa,matrix,report,select,cycle_report
     1 sampling train/ eval/probes                                  (forward passes, updates)
     2 grow/ distill/ rl/ dream/                                    (the method's parts)
-    3 sleep sleep_rows cycle plan/                                 (pipeline, cycles, plans)
+    3 sleep sleep_rows sleep_eval cycle plan/                      (pipeline, cycles, plans)
     4 config cli demo demo_run launch_cli cycle_cli cycle_demo */cli.py  (commands)
 
 A new module must be placed here; distill/ never imports the concrete decoder (it reads the
@@ -25,7 +25,8 @@ LAYERS = {
     1: ("sleep_jax.sampling", "sleep_jax.train", "sleep_jax.eval.probes"),
     2: ("sleep_jax.grow", "sleep_jax.distill", "sleep_jax.rl", "sleep_jax.dream",
         "sleep_jax.dream.generator", "sleep_jax.dream.noise", "sleep_jax.dream.rehearse"),
-    3: ("sleep_jax.sleep", "sleep_jax.sleep_rows", "sleep_jax.cycle", "sleep_jax.plan"),
+    3: ("sleep_jax.sleep", "sleep_jax.sleep_rows", "sleep_jax.sleep_eval", "sleep_jax.cycle",
+        "sleep_jax.plan"),
     4: ("sleep_jax.config", "sleep_jax.cli", "sleep_jax.demo", "sleep_jax.demo_run",
         "sleep_jax.launch_cli", "sleep_jax.cycle_cli", "sleep_jax.cycle_demo"),
 }
