@@ -27,12 +27,14 @@ def token_logprobs(logits_btv: jax.Array, targets_bt: jax.Array,
 class SampleOutput:
     """tokens [B,M] (pad after a row stops), logprobs [B,M] under the distribution sampled
     from (tempered, top-k/top-p truncated: RL recomputes policy log-probs with ``score``),
-    mask [B,M] (generated tokens, EOS included), lengths [B]."""
+    mask [B,M] (generated tokens, EOS included), lengths [B]; logits [B,M,V]: the model's raw
+    logits that each token was sampled from (``return_logits=True``; else None)."""
 
     tokens: jax.Array
     logprobs: jax.Array
     mask: jax.Array
     lengths: jax.Array
+    logits: jax.Array | None = None
 
 
 def filter_logits(logits_bv: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -65,7 +67,8 @@ def _sample(logits_bv, rng, temperature, top_k, top_p):
 
 def generate(model, prompt_tokens, prompt_lengths, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None, pad_id: int = 0) -> SampleOutput:
+             eos_id: int | None = None, pad_id: int = 0,
+             return_logits: bool = False) -> SampleOutput:
     """Sample ``max_new_tokens`` after right-padded prompts (temperature 0 = greedy).
 
     Args:
@@ -73,6 +76,9 @@ def generate(model, prompt_tokens, prompt_lengths, rng, *, max_new_tokens: int,
         ``init_cache``).
       prompt_tokens: [B,P] int32, right-padded; prompt_lengths: [B] (>= 1).
       rng: PRNG key.
+      return_logits: also keep the raw logits of every step, [B,M,V] fp32 (what a forward pass
+        over prompt + completion gives at the positions predicting the completion: a teacher
+        cache reads them instead of running that pass).
     Returns:
       SampleOutput with [B,M] arrays, M = max_new_tokens.
     """
@@ -87,30 +93,35 @@ def generate(model, prompt_tokens, prompt_lengths, rng, *, max_new_tokens: int,
     eos = -1 if eos_id is None else eos_id
 
     def body(carry):
-        i, last, cache, done, toks, lps, rng = carry
+        i, last, cache, done, toks, lps, lgs, rng = carry
         rng, sub = jax.random.split(rng)
         tok, lp = _sample(last, sub, temperature, top_k, top_p)
         tok = jnp.where(done, pad_id, tok)
         lp = jnp.where(done, 0.0, lp)
         toks = toks.at[:, i].set(tok)
         lps = lps.at[:, i].set(lp)
+        if return_logits:
+            lgs = lgs.at[:, i].set(last.astype(jnp.float32))
         new_done = done | (tok == eos)
         logits, cache = model(tok[:, None], (lengths + i)[:, None], cache=cache,
                               mask=~done[:, None])
-        return i + 1, logits[:, 0], cache, new_done, toks, lps, rng
+        return i + 1, logits[:, 0], cache, new_done, toks, lps, lgs, rng
 
     def cond(carry):
         return (carry[0] < M) & ~jnp.all(carry[3])
 
+    lgs = (jnp.zeros((B, M, last.shape[-1]), jnp.float32) if return_logits
+           else jnp.zeros((), jnp.float32))
     init = (jnp.zeros((), jnp.int32), last, cache, jnp.zeros((B,), bool),
-            jnp.full((B, M), pad_id, jnp.int32), jnp.zeros((B, M), jnp.float32), rng)
-    n, _, _, _, toks, lps, _ = jax.lax.while_loop(cond, body, init)
+            jnp.full((B, M), pad_id, jnp.int32), jnp.zeros((B, M), jnp.float32), lgs, rng)
+    n, _, _, _, toks, lps, lgs, _ = jax.lax.while_loop(cond, body, init)
     # generated = before (and including) the first EOS, within the steps run
     is_eos = toks == eos
     after_eos = jnp.cumsum(is_eos, axis=1) - is_eos > 0
     mask = (jnp.arange(M)[None] < n) & ~after_eos
     toks = jnp.where(mask, toks, pad_id)
-    return SampleOutput(toks, jnp.where(mask, lps, 0.0), mask, jnp.sum(mask, 1))
+    return SampleOutput(toks, jnp.where(mask, lps, 0.0), mask, jnp.sum(mask, 1),
+                        lgs if return_logits else None)
 
 
 def join(prompt_tokens, prompt_lengths, completion_tokens, completion_mask, pad_id=0):

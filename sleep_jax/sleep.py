@@ -362,21 +362,30 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
                             replay_prompts=replay_prompts, replay_ids=replay_ids,
                             earlier=earlier, probe_questions=probe_questions,
                             sleep_index=sleep_index, slot=slot, tokens=tokens)
-        source = RngSource(batch_fn(rows, batch_size=cfg.batch_size, fraction=replay.fraction,
-                                    bos_id=bos, pad_id=pad, lengths=row_lengths), np_rng)
-        sstep = seeding.make_seeding_step(seeding_cfg, state, mesh, eos_id=eos, pad_id=pad)
-        tg, ts = nnx.split(teacher)
-        imitate = None
-        if seeding_cfg.alpha < 1:
-            from sleep_jax.distill.imitation import make_imitation
+        if seeding_cfg.teacher_samples:  # the teacher writes and scores once: distill.cache
+            source, step = _cached_seeding(teacher, state, rows, cfg=cfg, replay=replay,
+                                           seeding_cfg=seeding_cfg, mesh=mesh,
+                                           teacher_mesh=teacher_mesh, np_rng=np_rng,
+                                           rng=jax.random.fold_in(key, 97), bos=bos, eos=eos,
+                                           pad=pad, lengths=row_lengths)
+        else:
+            source = RngSource(batch_fn(rows, batch_size=cfg.batch_size,
+                                        fraction=replay.fraction, bos_id=bos, pad_id=pad,
+                                        lengths=row_lengths), np_rng)
+            sstep = seeding.make_seeding_step(seeding_cfg, state, mesh, eos_id=eos,
+                                              pad_id=pad)
+            tg, ts = nnx.split(teacher)
+            imitate = None
+            if seeding_cfg.alpha < 1:
+                from sleep_jax.distill.imitation import make_imitation
 
-            imitate = make_imitation(seeding_cfg, decode=tokenizer.decode, judge=None,
-                                     eos_id=eos, pad_id=pad)
+                imitate = make_imitation(seeding_cfg, decode=tokenizer.decode, judge=None,
+                                         eos_id=eos, pad_id=pad)
 
-        def step(st, batch, k):
-            imit = None if imitate is None else imitate(st, tg, ts, batch,
-                                                        jax.random.fold_in(k, 1))
-            return sstep(st, tg, ts, batch, k, None, imit)
+            def step(st, batch, k):
+                imit = None if imitate is None else imitate(st, tg, ts, batch,
+                                                            jax.random.fold_in(k, 1))
+                return sstep(st, tg, ts, batch, k, None, imit)
 
     def evaluate(model, n) -> dict:
         v = eval_fn(model, n)
@@ -415,6 +424,25 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
     return SleepResult(model=model, slot=slot, curve=curve, history=history, times=res.times,
                        status=status, message=res.message, rows=rows,
                        experts=expert_activity(history, replay.fraction), rehearsal=rehearsal)
+
+
+def _cached_seeding(teacher, state, rows, *, cfg: SleepConfig, replay: ReplayConfig,
+                    seeding_cfg: seeding.SeedingConfig, mesh, teacher_mesh, np_rng, rng, bos,
+                    eos, pad, lengths):
+    """The batch source and step of a sleep with a teacher cache (``distill.cache``): the
+    teacher writes ``seeding_cfg.teacher_samples`` completions per row and scores them once
+    (on its mesh); each step draws cached rows as ``batch_fn`` draws rows."""
+    from sleep_jax.distill.cache import build_cache, cached_batch_fn, make_cached_step
+    from sleep_jax.sleep_rows import all_rows
+    from sleep_jax.train.loop import RngSource
+
+    every, is_replay = all_rows(rows, bos_id=bos, pad_id=pad, lengths=lengths)
+    cache, n = build_cache(teacher, every, is_replay, cfg=seeding_cfg, rng=rng,
+                           mesh=teacher_mesh, eos_id=eos, pad_id=pad)
+    source = RngSource(cached_batch_fn(cache, n, batch_size=cfg.batch_size,
+                                       fraction=replay.fraction), np_rng)
+    cstep = make_cached_step(seeding_cfg, state, mesh)
+    return source, lambda st, batch, k: cstep(st, batch)
 
 
 def expert_activity(history: Sequence[dict], replay_fraction: float) -> dict:

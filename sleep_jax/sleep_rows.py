@@ -182,24 +182,32 @@ def sample_replay_prompts(model, *, replay: ReplayConfig, bos_id: int | None,
             for i in range(n) if lens[i] > 1]
 
 
-def batch_fn(rows: Rows, *, batch_size: int, fraction: float, bos_id: int | None, pad_id: int,
-             lengths: tuple[int, int] | None = None):
-    """``fn(np_rng) -> SeedingBatch``: B - round(fraction * B) seeding rows and the rest replay
-    rows, drawn with replacement and shuffled (the lambda split then hits both kinds).
-
-    ``lengths``: (teacher P, student Q) row lengths, at least the longest rows' (default: just
-    those); fixed lengths keep the step's shapes, so a later sleep reuses its compiled program
-    (the cycle passes the stream's longest rows)."""
-    new, old = rows.seeding, rows.replay
-    B = batch_size
-    n_old = int(round(fraction * B)) if old else 0
-    P = max(len(m) + len(p) for m, p in new + old) + 1
-    Q = max(len(p) for _, p in new + old) + len(rows.head) + 1
+def row_widths(rows: Rows, lengths: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(teacher P, student Q) row lengths: the longest rows' (+ 1 for a BOS), or ``lengths``
+    when given (at least those; fixed lengths keep a step's shapes across sleeps)."""
+    both = rows.seeding + rows.replay
+    P = max(len(m) + len(p) for m, p in both) + 1
+    Q = max(len(p) for _, p in both) + len(rows.head) + 1
     if lengths is not None:
         if lengths[0] < P or lengths[1] < Q:
             raise ValueError(f"row lengths {tuple(lengths)} are shorter than this sleep's "
                              f"longest rows (teacher {P}, student {Q})")
         P, Q = int(lengths[0]), int(lengths[1])
+    return P, Q
+
+
+def batch_fn(rows: Rows, *, batch_size: int, fraction: float, bos_id: int | None, pad_id: int,
+             lengths: tuple[int, int] | None = None):
+    """``fn(np_rng) -> SeedingBatch``: B - round(fraction * B) seeding rows and the rest replay
+    rows, drawn with replacement and shuffled (the lambda split then hits both kinds).
+
+    ``lengths``: (teacher P, student Q) row lengths (``row_widths``); fixed lengths keep the
+    step's shapes, so a later sleep reuses its compiled program (the cycle passes the stream's
+    longest rows)."""
+    new, old = rows.seeding, rows.replay
+    B = batch_size
+    n_old = int(round(fraction * B)) if old else 0
+    P, Q = row_widths(rows, lengths)
 
     def fn(rng: np.random.Generator):
         pick = [new[i] for i in rng.integers(0, len(new), B - n_old)]
@@ -211,6 +219,18 @@ def batch_fn(rows: Rows, *, batch_size: int, fraction: float, bos_id: int | None
                                   student_head=rows.head)
 
     return fn
+
+
+def all_rows(rows: Rows, *, bos_id: int | None, pad_id: int,
+             lengths: tuple[int, int] | None = None) -> tuple[seeding.SeedingBatch, np.ndarray]:
+    """Every distinct seeding row, then every replay row, as one SeedingBatch (the widths of
+    ``batch_fn``), and [N] bool marking the replay rows: what ``distill.cache`` caches."""
+    both = rows.seeding + rows.replay
+    P, Q = row_widths(rows, lengths)
+    batch = seeding.make_batch([m for m, _ in both], [p for _, p in both], bos_id=bos_id,
+                               teacher_len=P, student_len=Q, pad_id=pad_id,
+                               student_head=rows.head)
+    return batch, np.arange(len(both)) >= len(rows.seeding)
 
 
 class ConcatBatches:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sleep_jax.data.tokenizers import pad_rows
-from sleep_jax.distill import align
+from sleep_jax.distill import align, divergences
 from sleep_jax.distill.divergences import DIVERGENCES
 from sleep_jax.models.protocol import EXPERTS, capabilities, forward
 from sleep_jax.sampling import generate
@@ -60,6 +60,9 @@ class SeedingConfig:
     teacher: "frozen" (the pre-sleep model passed to the step: Knowledge Seeding) or "self"
       (the student's own current weights, gradient stopped: on-policy self-distillation, OPSD,
       Zhao et al. 2026, arXiv 2601.18734; the passed teacher is then ignored).
+    teacher_samples: 0 samples completions every step; S >= 1 writes S teacher completions
+      per row and their teacher logits once before training (``distill.cache``: needs lam=0,
+      teacher "frozen", alpha 1), so that a step is one student forward and backward.
     """
 
     divergence: str = "jsd"
@@ -77,6 +80,7 @@ class SeedingConfig:
     gate_l1: float = 0.0
     expert_l1: float = 0.0
     teacher: str = "frozen"
+    teacher_samples: int = 0
 
     def rl_config(self):
         """The RLConfig of the imitation part (GRPO-style update inside the seeding step)."""
@@ -99,6 +103,14 @@ class SeedingConfig:
                 raise ValueError(f"SeedingConfig.{name}={getattr(self, name)} must be >= 0")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.teacher_samples < 0:
+            raise ValueError(f"SeedingConfig.teacher_samples={self.teacher_samples} must be "
+                             ">= 0 (0: sample every step)")
+        if self.teacher_samples and (self.lam or self.teacher != "frozen" or self.alpha < 1):
+            raise ValueError(f"SeedingConfig.teacher_samples={self.teacher_samples} caches "
+                             f"the frozen teacher's completions: it needs lam=0, "
+                             f"teacher='frozen' and alpha=1 (got lam={self.lam}, "
+                             f"teacher={self.teacher!r}, alpha={self.alpha})")
         if self.teacher not in TEACHERS:
             raise ValueError(f"SeedingConfig.teacher={self.teacher!r}; allowed: {TEACHERS}")
 
@@ -175,16 +187,20 @@ def _has_slots(model) -> bool:
     return EXPERTS in capabilities(model)
 
 
-def gkd_loss_and_experts(student, teacher_logits_btv, aligned: align.AlignedBatch,
-                         cfg: SeedingConfig):
-    """``gkd_loss`` plus the expert slots' activity per student row, from one forward pass:
-    (sum, count, gate [B], out_rms [B]), each the mean over layers (and slots) and the row's
-    real tokens (a model with the "experts" capability, e.g. a Decoder with expert slots)."""
-    rows = aligned.student
-    out = forward(student, rows.tokens, rows.positions, mask=rows.valid, experts=True)
-    logits, ex = out.logits, out.experts
-    s, c = align.completion_divergence(cfg.divergence, logits, teacher_logits_btv, aligned,
-                                       beta=cfg.beta, temperature=cfg.temperature)
+def divergence_and_experts(student, teacher_bmv, rows: align.Rows, completion_mask, cfg):
+    """D(teacher || student) over the completion tokens of student ``rows`` against the
+    teacher's logits already gathered per completion token ([B,M,V]), plus the expert slots'
+    activity per row from the same forward pass when the student has slots:
+    (sum, count, gate [B] or None, out_rms [B] or None), each the mean over layers (and slots)
+    and the row's real tokens (a model with the "experts" capability)."""
+    slots = _has_slots(student)
+    out = forward(student, rows.tokens, rows.positions, mask=rows.valid, experts=slots)
+    s_bmv = align.gather_completion_logits(out.logits, rows.completion_pos)
+    s, c = divergences.divergence(cfg.divergence, s_bmv, teacher_bmv, completion_mask,
+                                  beta=cfg.beta, temperature=cfg.temperature)
+    if not slots:
+        return s, c, None, None
+    ex = out.experts
     v = rows.valid.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(v, 1), 1.0)
     gate = jnp.sum(jnp.mean(ex["gate"], axis=(0, 3)) * v, 1) / n
@@ -220,8 +236,22 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
     if cfg.teacher == "self":  # OPSD: the live weights teach (their logits are stop-gradient)
         teacher = student
     aligned = collect(student, teacher, batch, rng, cfg, eos_id=eos_id, pad_id=pad_id)
-    teacher_logits = jax.lax.stop_gradient(_logits(teacher, aligned.teacher))
+    teacher_bmv = jax.lax.stop_gradient(align.gather_completion_logits(
+        _logits(teacher, aligned.teacher), aligned.teacher.completion_pos))
+    # replay rows carry no memory: a teacher prefix as long as the student's
+    replay = batch.teacher_len == batch.student_len
+    return seeding_update(state, teacher_bmv, aligned.student, aligned.completion_mask, replay,
+                          mask, imitation, cfg=cfg)
 
+
+def seeding_update(state: TrainState, teacher_bmv, rows: align.Rows, completion_mask,
+                   replay_b, mask=None, imitation=None, *, cfg: SeedingConfig):
+    """The UPDATE of a seeding step on completions already collected: the student ``rows``
+    (prompt + completion) against the teacher's logits per completion token [B,M,V]
+    (``seeding_step`` samples them; ``distill.cache`` reads them from a teacher cache).
+    ``replay_b`` [B] bool marks replay rows (for the per-kind expert metrics). Returns
+    (new state, metrics) as ``seeding_step``."""
+    student = state.model()
     slots = _has_slots(student)
     if (cfg.gate_l1 or cfg.expert_l1) and not slots:
         raise ValueError(f"gate_l1={cfg.gate_l1} / expert_l1={cfg.expert_l1} charge the expert "
@@ -235,10 +265,8 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
     def loss_fn(params):
         full = params if compose is None else compose(params)
         model = nnx.merge(state.graphdef, full, state.other)
-        if slots:
-            s, c, gate_row, rms_row = gkd_loss_and_experts(model, teacher_logits, aligned, cfg)
-        else:
-            (s, c), gate_row, rms_row = gkd_loss(model, teacher_logits, aligned, cfg), None, None
+        s, c, gate_row, rms_row = divergence_and_experts(model, teacher_bmv, rows,
+                                                         completion_mask, cfg)
         loss = cfg.alpha * s / jnp.maximum(c, 1.0)
         if cfg.gate_l1:
             loss = loss + cfg.gate_l1 * jnp.mean(gate_row)
@@ -259,12 +287,12 @@ def seeding_step(state: TrainState, teacher: nnx.Module, batch: SeedingBatch, rn
     state, skipped = skip_if_nonfinite(apply_gradients(state, grads, mask), state, loss, grads)
     metrics = {"loss": loss, "divergence": s / jnp.maximum(c, 1.0), "tokens": c,
                "skipped": skipped,
-               "completion_len": jnp.mean(jnp.sum(aligned.completion_mask, 1))}
+               "completion_len": jnp.mean(jnp.sum(completion_mask, 1))}
     if imitation is not None:
         metrics["imitation_loss"] = pg
         metrics["imitation_reward"] = jnp.mean(imitation.rewards)
-    if slots:  # replay rows carry no memory: teacher prefix as long as the student's
-        replay = (batch.teacher_len == batch.student_len).astype(jnp.float32)
+    if slots:
+        replay = replay_b.astype(jnp.float32)
         for name, row in (("gate", gate_row), ("expert_rms", rms_row)):
             metrics[f"{name}_memory_rows"] = (jnp.sum(row * (1 - replay))
                                               / jnp.maximum(jnp.sum(1 - replay), 1.0))
