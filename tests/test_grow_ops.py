@@ -354,3 +354,41 @@ def test_router_gates_the_slot_like_an_explicit_gate(source):
         check_growth(plain_cfg, plain_cfg.replace(expert_slots=3, expert_router=True))
     with pytest.raises(ValueError, match="return_experts"):
         base(tokens, positions, return_experts=True)
+
+
+def test_growth_noise_draws():
+    """``noise.Normals``: unit variance, mean 0, deterministic per key, independent streams, and
+    zero-sum noise that sums to 0 over each source's copies (pairs and larger groups)."""
+    from sleep_jax.grow.noise import Normals
+
+    draws = Normals(jax.random.key(0))
+    a, b = np.asarray(draws.normal((64, 256))), np.asarray(draws.normal((64, 256)))
+    assert abs(a.mean()) < 0.02 and abs(a.std() - 1) < 0.02
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.02
+    np.testing.assert_array_equal(a, np.asarray(Normals(jax.random.key(0)).normal((64, 256))))
+    assert not np.allclose(a, np.asarray(Normals(jax.random.key(1)).normal((64, 256))))
+    for src in (np.arange(8) // 2, np.array([0, 1, 2, 0, 1, 2, 0, -1, 3])):
+        z = np.asarray(Normals(jax.random.key(2)).zero_sum((4000, len(src)), 1, src))
+        for s in range(src.max() + 1):
+            copies = src == s
+            np.testing.assert_allclose(z[:, copies].sum(axis=1), 0, atol=1e-5)
+            if copies.sum() == 1:  # the only copy: no noise
+                assert not z[:, copies].any()
+            else:
+                assert abs(z[:, copies].std() - 1) < 0.05
+        assert not z[:, src < 0].any()
+
+
+def test_width_replication_is_shard_local():
+    """On an fsdp mesh (``embed`` sharded), replicating the width moves no data between
+    devices: the in-place repeat keeps each copy on its source's shard (only the noise std's
+    all-reduce communicates)."""
+    from sleep_jax.grow.api import compile_growth
+
+    mesh = make_mesh("fsdp=8")
+    state = create_train_state(create_model(SRC, mesh=mesh, seed=0), optax.adamw(1e-2))
+    args = (state.params, state.other, state.opt_state, _on(mesh, state.step),
+            _on(mesh, jax.random.key(0)))
+    fn, _, _ = compile_growth(SRC, SRC.replace(embed=32), mesh, args, GrowOptions(noise=0.01))
+    hlo = fn.lower(*args).compile().as_text()
+    assert "all-gather" not in hlo and "collective-permute" not in hlo and "all-to-all" not in hlo

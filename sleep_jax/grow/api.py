@@ -12,6 +12,8 @@ shards (no host round-trip); the source may live on another mesh layout over the
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from collections.abc import Callable
 
 import jax
@@ -19,12 +21,20 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sleep_jax.grow.axismap import AxisPlan, Normals, resize_mask, resize_moment, resize_value
+from sleep_jax.grow.axismap import (
+    AxisPlan,
+    needs_std,
+    resize_mask,
+    resize_moment,
+    resize_value,
+    stds,
+)
 from sleep_jax.grow.depth import depth_plans
 from sleep_jax.grow.experts import expert_plans
 from sleep_jax.grow.ffn import ffn_plans
 from sleep_jax.grow.flat import axes_of, flatten, rebuild
 from sleep_jax.grow.heads import head_plans
+from sleep_jax.grow.noise import Normals
 from sleep_jax.grow.optimizer import (
     attach_clocks,
     check_tx,
@@ -95,17 +105,32 @@ def grown_config(src: ModelConfig, dst: ModelConfig, options: GrowOptions | None
     return plan_growth(src, dst, options)[1]
 
 
+@functools.lru_cache(maxsize=64)
 def _abstract(factory: Factory, cfg: ModelConfig):
-    """(graphdef, params, other) of the model for ``cfg``, shapes only."""
+    """(graphdef, params, other) of the model for ``cfg``, shapes only.
+
+    Cached: abstract construction traces the model's initialisers (~0.1 s per config), and one
+    growth asks for every intermediate config in each of its passes. Callers only read the
+    result (``rebuild`` makes new trees)."""
     return nnx.split(nnx.eval_shape(lambda: factory(cfg)), nnx.Param, ...)
 
 
-def _zeros_missing(v, step: Step):
-    """A source stand-in for a variable the step creates: size 0 along the step's axes."""
-    axes = axes_of(v)
-    grown = {p.axis for p in step.plans}
-    shape = tuple(0 if a in grown else d for a, d in zip(axes, v.shape))
-    return jnp.zeros(shape, v.dtype)
+def _pre_size(plan: AxisPlan) -> int:
+    """Length of ``plan.axis`` before the plan: every source index is copied at least once."""
+    return int(plan.src.max()) + 1 if (plan.src >= 0).any() else 0
+
+
+def _sizes_before(steps: list[Step], sizes: dict, t: int, axes, final_shape) -> tuple:
+    """Shape, before step ``t``, of an array with logical ``axes`` and target ``final_shape``:
+    each axis at its current length (``sizes``), else the length before the next plan that grows
+    it, else its target length."""
+    out = []
+    for a, d in zip(axes, final_shape):
+        if a not in sizes:
+            later = [p for s in steps[t:] for p in s.plans if p.axis == a]
+            d = _pre_size(later[0]) if later else d
+        out.append(sizes.get(a, d))
+    return tuple(out)
 
 
 def grow_arrays(params, other, opt_state, rng, *, steps: list[Step], options: GrowOptions,
@@ -115,32 +140,19 @@ def grow_arrays(params, other, opt_state, rng, *, steps: list[Step], options: Gr
     Args:
       params, other: nnx.States of the source (trainable params; other variables).
       opt_state: optax state of the source or None.
-      rng: key for new random weights and noise (one ``jax.random.normal`` draw serves all).
+      rng: key for new random weights and noise (``noise.Normals``).
       steps: from ``plan_growth``.
     Returns:
       (params, other, opt_state, mask) of the grown model; mask is a params-like state of bool
       arrays (scalar False where nothing is new) marking new entries and second copies.
     """
-    sizes = normal_sizes(params, other, opt_state, rng, steps=steps, options=options,
-                         factory=factory)
-    return _grow_arrays(params, other, opt_state, Normals(rng, sizes), steps=steps,
-                        options=options, factory=factory)
-
-
-def normal_sizes(params, other, opt_state, rng, *, steps, options, factory=default_factory
-                 ) -> tuple[int, ...]:
-    """The sizes of the normal draws the growth asks for, in order (a shapes-only pass)."""
-    asked: list[int] = []
-    jax.eval_shape(lambda p, o, s, r: _grow_arrays(p, o, s, Normals(r), steps=steps,
-                                                   options=options, factory=factory,
-                                                   record=asked),
-                   params, other, opt_state, rng)
-    return tuple(asked)
+    return _grow_arrays(params, other, opt_state, Normals(rng), steps=steps, options=options,
+                        factory=factory)
 
 
 def _grow_arrays(params, other, opt_state, normals: Normals, *, steps: list[Step],
-                 options: GrowOptions, factory: Factory, record: list | None = None):
-    """``grow_arrays`` with its normals pool; ``record`` receives the sizes asked for."""
+                 options: GrowOptions, factory: Factory):
+    """``grow_arrays`` with its source of normals."""
     flat_p, flat_o = flatten(params), flatten(other)
     P = {k: v[...] for k, v in flat_p.items()}
     O = {k: v[...] for k, v in flat_o.items()}
@@ -150,27 +162,46 @@ def _grow_arrays(params, other, opt_state, normals: Normals, *, steps: list[Step
     clocks = None if clock_src is None else {k: v[...] for k, v in flatten(clock_src).items()}
     mask: dict[str, jax.Array | None] = dict.fromkeys(P)
     fresh: dict[str, jax.Array | None] = dict.fromkeys(P)  # moments started at zero here
-    final = None
-    for step in steps:
-        _, abs_p, abs_o = final = _abstract(factory, step.cfg)
-        for store, abs_tree in ((P, abs_p), (O, abs_o)):
-            for k, v in flatten(abs_tree).items():
-                if k not in store:
-                    AX[k] = axes_of(v)
-                    store[k] = _zeros_missing(v, step)
-                    if store is P:
-                        mask[k] = None
-                        fresh[k] = jnp.ones(store[k].shape, bool)
-                        if clocks is not None:
-                            clocks[k] = jnp.zeros(store[k].shape, jnp.int8)
-                        for _, flat in moments.values():
-                            flat[k] = store[k]
+    if not steps:  # nothing grows: an identity copy onto the target mesh
+        return params, other, opt_state, rebuild(params, lambda k, v: jnp.zeros((), bool))
+    # Only the target model is built (shapes only): intermediate shapes follow from the plans,
+    # each logical axis having one length per model (what a plan's src map assumes).
+    _, abs_p, abs_o = _abstract(factory, steps[-1].cfg)
+    targets = ((P, flatten(abs_p)), (O, flatten(abs_o)))
+    sizes: dict[str, int] = {}  # current length of each logical axis
+    for k, x in {**P, **O}.items():
+        for a, d in zip(AX[k] or (), x.shape):
+            sizes.setdefault(a, d)
+    for t, step in enumerate(steps):
+        grown = {p.axis for p in step.plans}
+        for store, target in targets:
+            for k, v in target.items():
+                axes = axes_of(v)
+                if k in store or not axes:
+                    continue
+                shape = _sizes_before(steps, sizes, t, axes, v.shape)
+                if not any(a in grown and d == 0 for a, d in zip(axes, shape)):
+                    continue  # created by the step that grows one of its axes from length 0
+                AX[k], store[k] = axes, jnp.zeros(shape, v.dtype)  # the plans fill it
+                for a, d in zip(axes, shape):
+                    sizes.setdefault(a, d)
+                if store is P:
+                    mask[k], fresh[k] = None, jnp.ones(shape, bool)
+                    if clocks is not None:
+                        clocks[k] = jnp.zeros(shape, jnp.int8)
+                    for _, flat in moments.values():
+                        flat[k] = store[k]
         for plan in step.plans:
+            has = lambda k, axis=plan.axis: AX[k] is not None and axis in AX[k]
+            # the stds that scale this plan's random values, batched (see axismap.stds)
+            std = stds({k: P[k] for k in P if has(k) and needs_std(
+                AX[k], plan, is_param=True, noise=options.noise)}, options.init_std)
             for k in P:
-                if AX[k] is None or plan.axis not in AX[k]:
+                if not has(k):
                     continue
                 P[k] = resize_value(P[k], AX[k], plan, is_param=True, normals=normals,
-                                    noise=options.noise, init_std=options.init_std)
+                                    noise=options.noise, init_std=options.init_std,
+                                    std=std.get(k))
                 mask[k] = resize_mask(mask[k], P[k].shape, AX[k], plan)
                 fresh[k] = resize_flag(fresh[k], P[k].shape, AX[k], plan)
                 if clocks is not None:
@@ -178,19 +209,16 @@ def _grow_arrays(params, other, opt_state, normals: Normals, *, steps: list[Step
                 for second, flat in moments.values():
                     flat[k] = resize_moment(flat[k], AX[k], plan, second=second)
             for k in O:
-                if AX[k] is not None and plan.axis in AX[k]:
+                if has(k):
                     O[k] = resize_value(O[k], AX[k], plan, is_param=False, normals=normals,
                                         noise=0.0, init_std=options.init_std)
-        for store, abs_tree in ((P, abs_p), (O, abs_o)):
-            for k, v in flatten(abs_tree).items():
-                if store[k].shape != v.shape:
-                    raise AssertionError(f"growth step {step.name!r}: {k} has shape "
-                                         f"{store[k].shape}, the target model expects {v.shape}")
-    if record is not None:
-        record.extend(normals.asked)
-    if final is None:  # nothing grows: an identity copy onto the target mesh
-        return params, other, opt_state, rebuild(params, lambda k, v: jnp.zeros((), bool))
-    _, abs_p, abs_o = final
+            sizes[plan.axis] = plan.size
+    for store, target in targets:
+        for k, v in target.items():
+            got = store[k].shape if k in store else None
+            if got != v.shape:
+                raise AssertionError(f"growth {[s.name for s in steps]}: {k} has shape {got}, "
+                                     f"the target model expects {v.shape}")
     new_params = rebuild(abs_p, lambda k, v: P[k])
     new_other = rebuild(abs_o, lambda k, v: O[k])
     new_inner = rebuild_opt_state(inner, params, moments, abs_p)
@@ -200,6 +228,17 @@ def _grow_arrays(params, other, opt_state, normals: Normals, *, steps: list[Step
 
 
 _CACHE: dict = {}
+
+
+def _quiet_shardings(tree, mesh: Mesh, rules):
+    """``tree_shardings`` without its not-divisible warnings: for the source's sizes on the
+    target mesh, an intermediate layout (the grown arrays' own shardings are reported)."""
+    logger = logging.getLogger("sleep_jax.mesh")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        return tree_shardings(tree, mesh, rules)
+    finally:
+        logger.disabled = disabled
 
 
 def compile_growth(src: ModelConfig, dst: ModelConfig, mesh: Mesh, example_args,
@@ -216,16 +255,19 @@ def compile_growth(src: ModelConfig, dst: ModelConfig, mesh: Mesh, example_args,
     steps, final_cfg = plan_growth(src, dst, options)
     graphdef, abs_p, abs_o = _abstract(factory, final_cfg)
 
-    asked: list[int] = []
-
-    def fn(params, other, opt_state, step, rng, record=None):
-        sizes = None if record is not None else tuple(asked)
-        out = _grow_arrays(params, other, opt_state, Normals(rng, sizes), steps=steps,
-                           options=options, factory=factory, record=record)
+    def fn(params, other, opt_state, step, rng):
+        # Reshard the source once onto the target mesh (by its logical names), then grow there:
+        # the partitioner otherwise resharded at each use, in more and larger kernels (tiny
+        # fsdp=8 -> data=2,tensor=4: 195 -> 135 kernels); a no-op on the same mesh.
+        src = (params, other, opt_state)
+        params, other, opt_state = jax.lax.with_sharding_constraint(
+            src, _quiet_shardings(src, mesh, rules))
+        out = _grow_arrays(params, other, opt_state, Normals(rng), steps=steps,
+                           options=options, factory=factory)
         return (*out, step)
 
-    # one shapes-only pass gives the output shapes and the sizes of the normal draws
-    out_abs = jax.eval_shape(lambda *a: fn(*a, record=asked), *example_args)
+    # a shapes-only pass gives the output structure (opt_state, mask) for out_shardings
+    out_abs = jax.eval_shape(fn, *example_args)
     for got, want in zip(jax.tree.leaves(out_abs[0]), jax.tree.leaves(abs_p)):
         if (got.shape, got.dtype) != (want.shape, want.dtype):
             raise AssertionError(f"grown params {got} differ from the target model's {want}")

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sleep_jax.grow.noise import Normals
+
 STRUCTURAL = ("layers", "expert")
 ROLES = ("producer", "consumer", "gain", "other")
 
@@ -62,7 +64,8 @@ class AxisPlan:
       value: role -> [n'] (or scalar) scale of copied values (default 1).
       grad: role -> [n'] (or scalar) scale of copied gradients / first moments; second
         moments get its square (default 1).
-      new: role -> how new entries start: "zero", "random" (normal, the source array's std),
+      new: role -> how new entries start: "zero", "random" (near-normal draws of
+        ``noise.Normals`` times the source array's std),
         "mean" (mean over the axis) or a float fill (default "zero").
       noise_roles: roles whose copies get zero-sum noise (they read identical copies).
     """
@@ -112,39 +115,6 @@ def key_for(rng: jax.Array, *names: str) -> jax.Array:
     return jax.random.fold_in(rng, zlib.crc32("|".join(names).encode()) & 0x7FFFFFFF)
 
 
-class Normals:
-    """Standard normal draws for one growth, all sliced from a single ``jax.random.normal``.
-
-    Each separate draw compiles into its own threefry + erf_inv fusions (about 0.6 s of XLA CPU
-    compile per draw, tens of draws per growth), so the growth asks this pool instead. With
-    ``sizes`` None the pool records the sizes asked for and draws each one separately (use it
-    in a shapes-only pass such as ``jax.eval_shape``); with the recorded ``sizes`` it draws
-    their sum once and hands out consecutive slices, in the same order.
-    """
-
-    def __init__(self, rng: jax.Array, sizes: tuple[int, ...] | None = None):
-        self.rng, self.sizes = rng, sizes
-        self.asked: list[int] = []
-        self._flat, self._offset = None, 0
-
-    def normal(self, shape: tuple[int, ...]) -> jax.Array:
-        """[shape] float32 standard normals."""
-        n = int(np.prod(shape, dtype=np.int64))
-        self.asked.append(n)
-        if self.sizes is None:
-            return jax.random.normal(jax.random.fold_in(self.rng, len(self.asked)), shape,
-                                     jnp.float32)
-        i = len(self.asked) - 1
-        if i >= len(self.sizes) or self.sizes[i] != n:
-            raise AssertionError(f"Normals: draw {i} asks {n} values but the recording pass "
-                                 f"asked {self.sizes[i:i + 1]} (the growth traced differently)")
-        if self._flat is None:
-            self._flat = jax.random.normal(self.rng, (sum(self.sizes),), jnp.float32)
-        out = jax.lax.slice_in_dim(self._flat, self._offset, self._offset + n)
-        self._offset += n
-        return out.reshape(shape)
-
-
 def _along(vec, ax: int, ndim: int):
     """Reshape a [n] vector to broadcast along axis ``ax`` of an ``ndim`` array."""
     shape = [1] * ndim
@@ -162,12 +132,29 @@ def _tile(x: jax.Array, n2: int, ax: int) -> jax.Array:
     return y if reps * n == n2 else jax.lax.slice_in_dim(y, 0, n2, axis=ax)
 
 
-def _take(x: jax.Array, plan: AxisPlan, ax: int) -> jax.Array:
-    """x[.., src[j], ..] along ``ax`` (zeros at new entries' places are overwritten later).
+def _repeat(x: jax.Array, r: int, ax: int) -> jax.Array:
+    """[.., r n, ..]: each index of ``ax`` repeated r times in place (index j holds x[j // r]).
 
-    Tiling is a broadcast + reshape and appending a pad: data movement only (bit-exact), and
-    cheap for XLA's SPMD partitioner (a concatenate of copies along a sharded axis compiled to
-    ~9x more fusions).
+    The repeated axis is the major factor of the merge, so an ``ax`` sharded over devices stays
+    shard-local (shard s of the result is made of shard s of x only)."""
+    shape = (*x.shape[:ax + 1], r, *x.shape[ax + 1:])
+    y = jnp.broadcast_to(jnp.expand_dims(x, ax + 1), shape)
+    return y.reshape(*x.shape[:ax], x.shape[ax] * r, *x.shape[ax + 1:])
+
+
+def _repeats(src: np.ndarray, n: int) -> int:
+    """r if ``src`` is the in-place repeat arange(n r) // r of n entries, else 0."""
+    n2 = len(src)
+    r = n2 // n if n and n2 % n == 0 else 0
+    return r if r and np.array_equal(src, np.arange(n2) // r) else 0
+
+
+def _take(x: jax.Array, plan: AxisPlan, ax: int) -> jax.Array:
+    """x[.., src[j], ..] along ``ax``, zero at new entries (src -1).
+
+    Tiling and in-place repeats are a broadcast + reshape and appending a pad: data movement
+    only (bit-exact), and cheap for XLA's SPMD partitioner (a concatenate of copies along a
+    sharded axis compiled to ~9x more fusions).
     """
     n, n2 = x.shape[ax], plan.size
     shape = list(x.shape)
@@ -178,10 +165,17 @@ def _take(x: jax.Array, plan: AxisPlan, ax: int) -> jax.Array:
     if np.array_equal(src, np.arange(n2)):
         return x
     if n2 > n and np.array_equal(src[:n], np.arange(n)) and np.all(src[n:] < 0):
-        return jnp.pad(x, [(0, n2 - n if a == ax else 0) for a in range(x.ndim)])
+        # lax.pad, not jnp.pad: a primitive, not a nested jit to trace and lower per call
+        return jax.lax.pad(x, jnp.zeros((), x.dtype),
+                           [(0, n2 - n if a == ax else 0, 0) for a in range(x.ndim)])
     if np.array_equal(src, np.arange(n2) % n):
         return _tile(x, n2, ax)
-    return jnp.take(x, jnp.asarray(np.maximum(src, 0), jnp.int32), axis=ax)
+    if _repeats(src, n):
+        return _repeat(x, _repeats(src, n), ax)
+    y = jnp.take(x, jnp.asarray(np.maximum(src, 0), jnp.int32), axis=ax)
+    if (src < 0).any():  # new entries took index 0: zero them
+        y = jnp.where(_along(src < 0, ax, x.ndim), jnp.zeros((), x.dtype), y)
+    return y
 
 
 def _scale(y: jax.Array, s, ax: int) -> jax.Array:
@@ -195,51 +189,65 @@ def _scale(y: jax.Array, s, ax: int) -> jax.Array:
     return y * _along(s.astype(np.float32), ax, y.ndim).astype(y.dtype)
 
 
-def _std(x: jax.Array, fallback: float) -> jax.Array:
-    if x.size == 0:
-        return jnp.asarray(fallback, jnp.float32)
-    s = jnp.std(x.astype(jnp.float32))
-    return jnp.where(s > 0, s, fallback)
+def _moments(x: jax.Array) -> jax.Array:
+    """[2] float32: mean(x) and mean(x^2), in one reduction of the two stacked (one kernel and,
+    for a sharded ``x``, one all-reduce; ``jnp.std`` makes two passes, each with its kernels
+    and all-reduce; a variadic ``lax.reduce`` is partitioned as an all-gather and a second
+    kernel)."""
+    x = x.astype(jnp.float32)
+    return jnp.mean(jnp.stack([x, x * x]), axis=tuple(range(1, x.ndim + 1)))
 
 
-def _copy_mean(d0: jax.Array, src: np.ndarray, n: int) -> jax.Array:
-    """[n', ...] mean of ``d0`` [n', ...] over the copies of each entry's source index.
+def stds(arrays: dict, fallback: float) -> dict:
+    """{key: float32 scalar}: the standard deviation of each array (``fallback`` where it is 0
+    or the array empty).
 
-    Static maps only (no scatter / gather, which compile slowly): the tiling pattern
-    src = arange(n') mod n with n | n' is a reshape and a mean; any other map is one product
-    with the [n', n'] averaging matrix built in numpy (new entries, src -1, form one group).
+    var = E[x^2] - E[x]^2 loses relative precision only when |mean| >> std, which weight
+    matrices (the arrays whose std scales new weights and noise) are not. The square roots of
+    all arrays are one vector op: each scalar tail after its reduction (and all-reduce) was a
+    kernel of its own (XLA does not fuse a scalar sqrt into an elementwise consumer).
     """
-    n2 = len(src)
-    if n2 % n == 0 and np.array_equal(src, np.arange(n2) % n):
-        r = n2 // n
-        return _tile(jnp.mean(d0.reshape(r, n, *d0.shape[1:]), axis=0), n2, 0)
-    seg = np.where(src >= 0, src, n)
-    avg = (seg[:, None] == seg[None, :]).astype(np.float32)
-    avg /= avg.sum(axis=1, keepdims=True)
-    return jnp.tensordot(jnp.asarray(avg), d0, axes=1, precision=jax.lax.Precision.HIGHEST)
+    keys = [k for k, x in arrays.items() if x.size]
+    out = {k: jnp.asarray(fallback, jnp.float32) for k, x in arrays.items() if not x.size}
+    if keys:
+        m = jnp.stack([_moments(arrays[k]) for k in keys])
+        s = jnp.sqrt(jnp.maximum(m[:, 1] - m[:, 0] * m[:, 0], 0.0))
+        s = jnp.where(s > 0, s, fallback)
+        out.update({k: s[i] for i, k in enumerate(keys)})
+    return out
+
+
+def _how(axes: tuple[str, ...], plan: AxisPlan, is_param: bool, noise: float):
+    """(role, how new entries start or None, whether copies get noise) of an array."""
+    role = axis_role(axes, plan.axis, is_param)
+    how = plan.new.get(role, "zero") if plan.is_new.any() else None
+    noisy = noise > 0 and role in plan.noise_roles and bool(np.any(plan.counts() > 1))
+    return role, how, noisy
+
+
+def needs_std(axes: tuple[str, ...], plan: AxisPlan, *, is_param: bool, noise: float) -> bool:
+    """Whether ``resize_value`` scales random values by the array's std (give it ``std=``)."""
+    _, how, noisy = _how(axes, plan, is_param, noise)
+    return how == "random" or noisy
 
 
 def resize_value(x: jax.Array, axes: tuple[str, ...], plan: AxisPlan, *, is_param: bool,
-                 normals: Normals, noise: float, init_std: float) -> jax.Array:
+                 normals: Normals, noise: float, init_std: float, std=None) -> jax.Array:
     """Grow a parameter (or state) array along ``plan.axis``.
 
     y[.., j, ..] = value_scale[j] * x[.., src[j], ..] for copies; new entries by ``plan.new``;
-    plus, for noise roles, d_j - mean_{j' : src[j'] = src[j]} d_j' (sums to zero over the copies
-    of one source entry, so copies that read identical inputs keep their sum).
+    plus, for noise roles, ``noise * std(x)`` times ``Normals.zero_sum`` noise (it sums to zero
+    over the copies of one source entry, so copies that read identical inputs keep their sum).
+    ``std``: std(x) when ``needs_std`` (computed here when not given; ``stds`` batches them).
     """
     ax = axes.index(plan.axis)
-    role = axis_role(axes, plan.axis, is_param)
+    role, how, noisy = _how(axes, plan, is_param, noise)
     y = _scale(_take(x, plan, ax), plan.value.get(role), ax)
-    how = plan.new.get(role, "zero") if plan.is_new.any() else None
-    counts = plan.counts()
-    noisy = noise > 0 and role in plan.noise_roles and bool(np.any(counts > 1))
-    # one draw serves both: new entries and noisy copies are disjoint (fewer RNG ops to compile)
-    z = normals.normal(y.shape) if how == "random" or noisy else None
-    if how is not None:
-        if how == "zero":
-            fill = jnp.zeros((), y.dtype)
-        elif how == "random":
-            fill = (z * _std(x, init_std)).astype(y.dtype)
+    if (how == "random" or noisy) and std is None:
+        std = stds({"x": x}, init_std)["x"]
+    if how is not None and how != "zero":  # "zero": _take already put zeros there
+        if how == "random":
+            fill = (normals.normal(y.shape) * std).astype(y.dtype)
         elif how == "mean":
             fill = (jnp.mean(x, axis=ax, keepdims=True) if x.shape[ax]
                     else jnp.ones((), y.dtype)).astype(y.dtype)
@@ -247,11 +255,8 @@ def resize_value(x: jax.Array, axes: tuple[str, ...], plan: AxisPlan, *, is_para
             fill = jnp.asarray(float(how), y.dtype)
         y = jnp.where(_along(plan.is_new, ax, y.ndim), fill, y)
     if noisy:
-        d = z * (noise * _std(x, init_std))
-        d0 = jnp.moveaxis(d, ax, 0)
-        d0 = d0 - _copy_mean(d0, plan.src, x.shape[ax])
-        d0 = d0 * _along((counts > 1).astype(np.float32), 0, d0.ndim)
-        y = y + jnp.moveaxis(d0, 0, ax).astype(y.dtype)
+        d = normals.zero_sum(y.shape, ax, plan.src) * (noise * std)
+        y = y + d.astype(y.dtype)
     return y
 
 
@@ -263,10 +268,7 @@ def resize_moment(m: jax.Array, axes: tuple[str, ...], plan: AxisPlan, *, second
     g = plan.grad.get(axis_role(axes, plan.axis, True))
     if g is not None and second:
         g = np.square(np.asarray(g, np.float64))
-    y = _scale(_take(m, plan, ax), g, ax)
-    if plan.is_new.any():
-        y = jnp.where(_along(plan.is_new, ax, y.ndim), jnp.zeros((), y.dtype), y)
-    return y
+    return _scale(_take(m, plan, ax), g, ax)  # new entries: zero from _take
 
 
 def resize_mask(mask: jax.Array | None, shape: tuple[int, ...], axes: tuple[str, ...],
