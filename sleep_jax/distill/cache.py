@@ -24,7 +24,6 @@ import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -99,7 +98,7 @@ def build_cache(teacher, batch: SeedingBatch, replay, *, cfg: SeedingConfig, rng
             with jax.set_mesh(mesh):
                 out = one(ts, shard_rows(b, mesh), key)
             keep = min(chunk, n - j)
-            parts.append(jax.tree.map(lambda x: x[:keep], host_read(out)))
+            parts.append(jax.tree.map(lambda x, k=keep: x[:k], host_read(out)))
     rows = align.Rows(*(np.concatenate([p[0][f] for p in parts]) for f in range(5)))
     logits = np.concatenate([p[1] for p in parts])
     cmask = np.concatenate([p[2] for p in parts])
