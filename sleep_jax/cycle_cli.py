@@ -11,8 +11,9 @@ after every cycle; texts ({"text"}) are general text for KL to the base. Writes 
 (each sleep; DIR/cycle_KKK/model is checkpoint version K), DIR/events.jsonl and the cycle
 report (report.json, report.md, heatmap and curves PNGs). Re-running the same command resumes.
 Runs on many processes like ``sleep-jax sleep`` (``sleep-jax launch --nproc N -- sleep-jax
-cycle ...``, the launch/ scripts or the runtime flags; not the demo presets): every checkpoint
-is loaded onto the mesh's shards, process 0 writes the event log and the report.
+cycle ...``, the launch/ scripts or the runtime flags; the demo presets too, on the mesh of
+``demo.mesh``): every checkpoint is loaded onto the mesh's shards, process 0 writes the event
+log and the report.
 """
 
 from __future__ import annotations
@@ -98,13 +99,17 @@ def _demo(config, a) -> int:
     """``--config configs/cycle.py:demo``: the demo world's stream, every method."""
     import logging
 
-    from sleep_jax import cycle_demo
+    from sleep_jax import cycle_demo, runtime
     from sleep_jax.cycle import CycleConfig
     from sleep_jax.demo import DemoConfig, _setup_logging
 
     given = [f"--{k}" for k in ("checkpoint", "memories", "probes", "texts") if a[k]]
     workdir = a["workdir"] or "runs/cycle"
     try:
+        try:  # many processes: before any device use
+            runtime.initialize(runtime_config(a))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if given:
             raise ConfigError(f"{', '.join(given)}: the demo presets make their own stream "
                               "and base (see configs/cycle.py)")
@@ -115,6 +120,9 @@ def _demo(config, a) -> int:
             raise ConfigError(f"cycle_demo.memories={cd.memories} > demo.n_new="
                               f"{config.demo.n_new}")
         check_run_config(workdir, config, a["allow_config_change"])
+        from sleep_jax.demo_run import demo_mesh
+
+        demo_mesh(from_section(DemoConfig, config.demo, "demo"))  # a bad mesh fails here
     except (ConfigError, ValueError) as e:
         print(f"sleep-jax cycle: error: {e}", file=sys.stderr)
         return 2
@@ -122,8 +130,11 @@ def _demo(config, a) -> int:
     logging.getLogger("sleep_jax.cycle").info(
         "cycle demo: %d memories, a sleep every %d, %d steps per sleep, methods %s",
         cd.memories, cyc.period, cd.steps, ", ".join(cd.methods))
-    write_run_config(workdir, config, a["allow_config_change"])
+    if runtime.is_writer():
+        write_run_config(workdir, config, a["allow_config_change"])
     out = cycle_demo.run(config, workdir)
+    if not runtime.is_writer():
+        return 0
     for name, e in out["report"]["methods"].items():
         print(name, json.dumps(e["summary"]))
     print(f"wall {out['wall_s']:.0f} s (base training {out['base_train_s']:.0f} s); outputs in "

@@ -184,7 +184,7 @@ def run(config, workdir: str) -> dict:
     world = worldlib.make_world(demo_cfg.seed, demo_cfg.n_old, demo_cfg.n_new, demo_cfg.n_task)
     memories, probes, inputs = stream(world, cd, demo_cfg)
     out = cyc.run_methods(base_dir, memories, probes, workdir=workdir, cfg=cycle_cfg,
-                          methods=ms, inputs=inputs)
+                          methods=ms, inputs=inputs, mesh=demo_run.demo_mesh(demo_cfg))
     out["base_dir"], out["base_train_s"] = base_dir, base_s
     out["wall_s"] = time.time() - t0
     return out

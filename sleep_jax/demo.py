@@ -14,6 +14,11 @@
 
 Settings: configs/demo.py (presets default and quick). Writes ``<workdir>/seed<k>/report.json``,
 ``report.md`` and PNG plots, and a summary over seeds.
+
+Many processes (``sleep-jax launch --nproc N -- sleep-jax demo``, the launch/ scripts, or the
+runtime flags): every stage runs on one mesh over all devices (``demo.mesh``), each process
+feeding its rows of every batch; process 0 alone writes the reports, logs and data files, and
+every process saves its shards of the base checkpoint.
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ import time
 import jax
 
 from sleep_jax.config import (
+    RUNTIME_FLAGS,
     ConfigError,
     Flag,
+    check_run_config,
     default_config_path,
     from_section,
     parse_command,
+    runtime_config,
     write_run_config,
 )
 
@@ -83,6 +91,10 @@ class DemoConfig:
     store_size: int = 3  # the in-context baseline's store: the last N memories
     # the default rows fit the 10-minute budget on 2 cores; --config.rows=full runs FULL_ROWS
     methods: tuple[str, ...] = ("seed_full", "sleep")
+    # the mesh of every stage ("fsdp=-1": every device of every process; the CPU demo has one)
+    # and how many devices it spans (0: all; N: the first N in device order, one process only)
+    mesh: str = "fsdp=-1"
+    devices: int = 0
 
 
 METHODS = {
@@ -115,7 +127,11 @@ ROWS = ("default", "full")
 
 
 def _setup_logging():
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+    from sleep_jax import runtime
+
+    # many processes: process 0 logs the progress, the others only warnings
+    logging.basicConfig(level=logging.INFO if runtime.is_writer() else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -123,16 +139,17 @@ def _setup_logging():
 
 FLAGS = (Flag("workdir", default="runs/demo", help="output folder"),
          Flag("allow_config_change", bool, False,
-              help="run even though the workdir's config.json differs"))
+              help="run even though the workdir's config.json differs"), *RUNTIME_FLAGS)
 
 
 def parse(argv: list[str]) -> tuple[list[DemoConfig] | None, str]:
     """The per-seed DemoConfigs and the workdir from the command line; (None, "") after --help.
 
-    The resolved config is written to ``workdir/config.json``; a different saved one is refused.
+    The resolved config is written to ``workdir/config.json`` (by process 0); a different
+    saved one is refused. Joins the other processes first (``runtime.initialize``).
 
     Raises:
-      ConfigError: a bad config key or value, an unknown method, seeds < 1.
+      ConfigError: a bad config key or value, an unknown method, seeds < 1, a bad mesh.
     """
     config, args = parse_command(argv, default=default_config_path("demo.py"), flags=FLAGS,
                                  prog="sleep-jax demo", doc=__doc__)
@@ -172,7 +189,19 @@ def parse(argv: list[str]) -> tuple[list[DemoConfig] | None, str]:
     if config.seeds < 1:
         raise ConfigError(f"seeds={config.seeds} must be >= 1")
     seeds = [dataclasses.replace(cfg, seed=cfg.seed + k) for k in range(config.seeds)]
-    write_run_config(args["workdir"], config, args["allow_config_change"])
+    from sleep_jax import runtime
+
+    try:  # many processes: before anything touches a device
+        runtime.initialize(runtime_config(args))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    from sleep_jax.demo_run import demo_mesh
+
+    demo_mesh(cfg)  # a bad mesh or device count fails here, before any work
+    if runtime.is_writer():
+        write_run_config(args["workdir"], config, args["allow_config_change"])
+    else:
+        check_run_config(args["workdir"], config, args["allow_config_change"])
     return seeds, args["workdir"]
 
 
@@ -190,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     reports = [run_seed(cfg, os.path.join(workdir, f"seed{cfg.seed}")) for cfg in seeds]
     summary = summarize(reports, workdir)
+    from sleep_jax import runtime
+
+    if not runtime.is_writer():
+        return 0
     print(summary)
     log.info("demo finished in %.0f s; reports under %s (devices: %s)", time.time() - t0,
              workdir, jax.devices()[0].platform)

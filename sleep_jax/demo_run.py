@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sleep_jax import runtime
 from sleep_jax.atomic import write_json, write_text
 from sleep_jax.data import world as worldlib
 from sleep_jax.data.pipeline import make_dataset
@@ -23,7 +24,7 @@ from sleep_jax.distill import seeding
 from sleep_jax.eval import probes
 from sleep_jax.eval.report import write_report
 from sleep_jax.grow import activate_slot, grow_model
-from sleep_jax.mesh import make_mesh
+from sleep_jax.mesh import batch_sharding, run_mesh
 from sleep_jax.models import ModelConfig, create_model
 from sleep_jax.models.checkpoint_dir import save_checkpoint
 from sleep_jax.sleep import ReplayConfig, SleepConfig, configs_to_dict
@@ -79,14 +80,17 @@ def train_base(ctx: Ctx) -> nnx.Module:
     from sleep_jax.train.loop import IteratorSource, LoopConfig, run_loop
 
     cfg = ctx.cfg
-    model = create_model(ctx.model_cfg, seed=cfg.seed)
+    model = place_model(create_model(ctx.model_cfg, seed=cfg.seed), ctx.mesh)
     tx = make_optimizer(OptimConfig(lr=cfg.base_lr, warmup_steps=cfg.base_warmup,
                                     weight_decay=0.0), cfg.base_steps)
     state = create_train_state(model, tx)
     step = make_train_step(state, ctx.mesh)
     ds = make_dataset(base_examples(ctx.world, cfg), ctx.tok, seq_len=cfg.seq_len,
-                      batch_size=cfg.base_batch, seed=cfg.seed)
-    r = run_loop(step, state, IteratorSource(iter(ds)),
+                      batch_size=cfg.base_batch, seed=cfg.seed, shard=(0, 1))
+    # every process reads the same global batches (shard (0, 1)) and feeds its rows of each
+    batches = runtime.ShardedBatches(iter(ds), ctx.mesh,
+                                     batch_sharding(ctx.mesh, 2, cfg.base_batch))
+    r = run_loop(step, state, IteratorSource(batches),
                  cfg=LoopConfig(steps=cfg.base_steps, log_every=50),
                  rng=jax.random.key(cfg.seed), desc="wake: base training")
     log.info("base model trained: %d steps, final loss %.3f", cfg.base_steps,
@@ -238,9 +242,11 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, validation, base_val_old
         replay_prompts=replay_prompts, replay_texts=replay_texts, mesh=ctx.mesh,
         eval_fn=on_eval, desc=f"sleep: {method}")
     selected = None
-    if best.qualifies:
+    if best.qualifies:  # the host copy back onto the end model's shardings
         selected = fresh_copy(r.model)
-        nnx.update(selected, jax.tree.map(jax.numpy.asarray, best.params))
+        end = nnx.state(selected, nnx.Param)
+        nnx.update(selected, jax.tree.map(lambda h, x: jax.device_put(h, x.sharding),
+                                          best.params, end))
     curve = [{**c, "train_s": c["step"] * r.step_s} for c in r.curve]
     if r.status != "done":
         log.warning("%s stopped early (%s): %s", method, r.status, r.message)
@@ -267,6 +273,7 @@ def sft_step_time(ctx: Ctx, base: nnx.Module, n: int = 12) -> float:
              "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
              "segment_ids": np.ones((B, T), np.int32), "mask": np.ones((B, T), bool),
              "loss_mask": np.ones((B, T), bool)}
+    batch = runtime.shard_batch(batch, ctx.mesh, batch_sharding(ctx.mesh, 2, B))
     times = []
     for i in range(n):
         t0 = time.perf_counter()
@@ -350,16 +357,41 @@ def base_settings(cfg) -> dict:
     return {k: getattr(cfg, k) for k in BASE_FIELDS}
 
 
+def demo_mesh(cfg) -> jax.sharding.Mesh:
+    """The demo's mesh: ``cfg.mesh`` over every device of every process, or over the first
+    ``cfg.devices`` (one process only; ``mesh.run_mesh``).
+
+    Raises:
+      ConfigError: a mesh spec the devices do not fit, a device count out of range.
+    """
+    from sleep_jax.config import ConfigError
+
+    try:
+        return run_mesh(cfg.mesh, cfg.devices)
+    except ValueError as e:
+        raise ConfigError(f"demo.mesh={cfg.mesh!r}, demo.devices={cfg.devices}: {e}") from None
+
+
+def place_model(model: nnx.Module, mesh) -> nnx.Module:
+    """A model built alike on every process (same config and seed) put onto ``mesh`` by its
+    logical names, each process placing its own shards (from host copies: the values are
+    those of the eager build, bitwise)."""
+    from sleep_jax.models.sharding import state_shardings
+
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(jax.tree.map(np.asarray, state), state_shardings(state, mesh))
+    return nnx.merge(graphdef, state)
+
+
 def make_ctx(cfg) -> Ctx:
-    """One seed's world, tokenizer, model config and (one-device) mesh."""
+    """One seed's world, tokenizer, model config and mesh (``demo_mesh``)."""
     world = worldlib.make_world(cfg.seed, cfg.n_old, cfg.n_new, cfg.n_task)
     tok = word_level_tokenizer(world.vocabulary_corpus())
     ids = special_ids(tok)
     model_cfg = ModelConfig(vocab=tok.get_vocab_size(), embed=cfg.embed, mlp=cfg.mlp,
                             layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.heads,
                             head_dim=cfg.embed // cfg.heads, max_seq_len=256)
-    mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
-    return Ctx(cfg, world, tok, ids, model_cfg, mesh)
+    return Ctx(cfg, world, tok, ids, model_cfg, demo_mesh(cfg))
 
 
 def save_base(ctx: Ctx, base: nnx.Module, path: str) -> str:
@@ -391,8 +423,9 @@ def run_seed(cfg, workdir: str) -> dict:
     t_base = time.time() - t0
     # the base model in the checkpoint format, and NEW memories/probes as JSONL, so that
     # `sleep-jax sleep --checkpoint <workdir>/base --memories ... --probes ...` can be tried
-    save_base(ctx, base, os.path.join(workdir, "base"))
-    world.export_jsonl(os.path.join(workdir, "data"), "new", TEST_WORDINGS)
+    save_base(ctx, base, os.path.join(workdir, "base"))  # every process: its shards
+    if runtime.is_writer():
+        world.export_jsonl(os.path.join(workdir, "data"), "new", TEST_WORDINGS)
     validation = make_validation(ctx)
     t0 = time.time()
     base_eval = {**evaluate(ctx, base, base), **open_book(ctx, base), **validation(base)}
@@ -435,7 +468,8 @@ def run_seed(cfg, workdir: str) -> dict:
         "sft_step_s": sft_step_time(ctx, base), "method_configs": method_configs,
         "base_train_s": t_base, "base_eval_s": t_eval, "wall_s": time.time() - t_start,
     }
-    write_report(report, workdir)
+    if runtime.is_writer():
+        write_report(report, workdir)
     return report
 
 
@@ -448,6 +482,8 @@ def summarize(reports: list[dict], workdir: str) -> str:
     from sleep_jax.eval.report import summary_table
 
     text, data = summary_table(reports)
+    if not runtime.is_writer():
+        return text
     write_json(os.path.join(workdir, "summary.json"), data)
     write_text(os.path.join(workdir, "summary.md"), text + "\n")
     return text

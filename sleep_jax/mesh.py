@@ -124,6 +124,27 @@ def make_mesh(spec=None, devices: Sequence | None = None) -> Mesh:
     return Mesh(arr, MESH_AXES, axis_types=auto)
 
 
+def run_mesh(spec, n_devices: int = 0) -> Mesh:
+    """A command's mesh: ``spec`` over every device of every process (``n_devices`` 0), or over
+    the first ``n_devices`` in ``device_order()`` (one process only: tests and one-device
+    figures on a host with more).
+
+    Raises:
+      ValueError: ``n_devices`` out of range, a subset on many processes, a spec that does not
+        fit the devices.
+    """
+    devices = device_order()
+    if n_devices:
+        if not 1 <= n_devices <= len(devices):
+            raise ValueError(f"devices={n_devices}: this run has {len(devices)} devices "
+                             f"(0 = all)")
+        if jax.process_count() > 1 and n_devices != len(devices):
+            raise ValueError(f"devices={n_devices}: with {jax.process_count()} processes the "
+                             f"mesh spans all {len(devices)} devices (set 0)")
+        devices = devices[:n_devices]
+    return make_mesh(spec, devices=devices)
+
+
 def mesh_name(mesh: Mesh) -> str:
     """``data=2,fsdp=4,tensor=1`` for a mesh (used in benchmark tables)."""
     return ",".join(f"{a}={s}" for a, s in mesh.shape.items())

@@ -342,10 +342,15 @@ def sleep(base, tokenizer, memories, *, tokens: Mapping, cfg: SleepConfig,
 
     rows = None
     if cfg.objective == "sft":
+        from sleep_jax.mesh import batch_sharding
+        from sleep_jax.runtime import ShardedBatches
         from sleep_jax.train.step import make_train_step
 
-        source = sft_batches(memories, tokenizer, cfg=cfg, replay=replay,
-                             replay_texts=replay_texts, seed=int(np_rng.integers(1 << 30)))
+        # global batches (the same on every process), each process feeding its rows
+        source = ShardedBatches(sft_batches(memories, tokenizer, cfg=cfg, replay=replay,
+                                            replay_texts=replay_texts,
+                                            seed=int(np_rng.integers(1 << 30))),
+                                mesh, batch_sharding(mesh, 2, cfg.batch_size))
         step = make_train_step(state, mesh)
     else:
         replay_ids = None

@@ -277,7 +277,8 @@ def sft_batches(memories, tokenizer, *, cfg: SleepConfig, replay: ReplayConfig,
         raise ValueError(f"ReplayConfig.fraction={replay.fraction} leaves no memory row in a "
                          f"batch of {cfg.batch_size}")
     mem = iter(make_dataset([m.text for m in memories], tokenizer, seq_len=cfg.sft_seq_len,
-                            batch_size=cfg.batch_size - n_replay, seed=seed, pack=False))
+                            batch_size=cfg.batch_size - n_replay, seed=seed, pack=False,
+                            shard=(0, 1)))  # global batches: each process feeds its rows
     if not n_replay:
         return mem
     fits = fitting_examples(replay_texts, tokenizer, cfg.sft_seq_len)
@@ -287,7 +288,7 @@ def sft_batches(memories, tokenizer, *, cfg: SleepConfig, replay: ReplayConfig,
     if not fits:
         raise ValueError(f"no replay text fits SleepConfig.sft_seq_len={cfg.sft_seq_len}")
     wake = iter(make_dataset(fits, tokenizer, seq_len=cfg.sft_seq_len, batch_size=n_replay,
-                             seed=seed + 1, pack=True))
+                             seed=seed + 1, pack=True, shard=(0, 1)))
     return ConcatBatches(mem, wake)
 
 

@@ -15,7 +15,7 @@ SMALLER = [f"--config.demo.{k}={v}" for k, v in dict(
     n_old=8, n_new=4, n_task=4, rc_items=40, general_items=10, dream_items=10, embed=32,
     mlp=64, expert_rank=4,
     base_steps=6, base_batch=8, base_warmup=2, sleep_steps=4, sleep_batch=8,
-    eval_every=2).items()]
+    eval_every=2, devices=1).items()]
 
 
 def test_demo_quick_writes_a_complete_report(tmp_path):

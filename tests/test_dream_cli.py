@@ -60,7 +60,7 @@ def _args(d, steps, *extra):
     return ["--config", cli.default_config_path("dream.py:quick"), "--checkpoint",
             str(d / "base"), "--tasks", _write(d / "tasks.jsonl", RECORDS), "--workdir",
             str(d / "run"), "--config.run.slots=2", "--config.run.rank=4",
-            f"--config.run.steps={steps}", *extra]
+            f"--config.run.steps={steps}", "--config.run.devices=1", *extra]
 
 
 @pytest.mark.slow  # ~33 s of CPU (one compile of the iteration, growth, 2 checkpoint saves):

@@ -110,3 +110,16 @@ def test_batch_spec_follows_the_batch_rule(spec, batch):
 def test_rule_axes_errors_name_the_axis():
     with pytest.raises(ValueError, match="'bogus' has no rule"):
         meshlib.rule_axes("bogus", meshlib.make_mesh("fsdp=8"))
+
+
+def test_run_mesh_spans_every_device_or_the_first_n():
+    from sleep_jax.mesh import device_order, run_mesh
+
+    n = len(jax.devices())
+    assert run_mesh("fsdp=-1").devices.size == n
+    two = run_mesh("fsdp=-1", 2)
+    assert list(two.devices.flat) == device_order()[:2] and two.shape["fsdp"] == 2
+    with pytest.raises(ValueError, match=f"devices={n + 1}: this run has {n} devices"):
+        run_mesh("fsdp=-1", n + 1)
+    with pytest.raises(ValueError):
+        run_mesh("fsdp=4", 2)  # the spec does not fit the chosen devices

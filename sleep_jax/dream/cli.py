@@ -16,6 +16,11 @@
    adapter), each on ``run.contexts`` records drawn at random, on THE run loop
    (``train.loop.run_loop``): DIR/metrics.jsonl, checkpoints in DIR/train (the generator
    adapter and its optimizer state), a progress bar, SIGTERM saves; re-running resumes.
+Many processes (``sleep-jax launch --nproc N -- sleep-jax dream ...``, the launch/ scripts or
+the runtime flags): the run is one program on the mesh ``run.mesh`` over every device, the
+contexts of a step over its batch axes; process 0 writes the metrics and the generator file,
+every process its shards of the checkpoints.
+
 4. DIR/model: the grown checkpoint (both slots on, B = 0: it computes what the input did) with
    the trained generator adapter beside it (``GENERATOR_FILE``, ``read_generator``) and its
    slots under ``extra["dream"]`` of config.json.
@@ -29,12 +34,14 @@ import os
 import sys
 
 from sleep_jax.config import (
+    RUNTIME_FLAGS,
     ConfigError,
     Flag,
     check_run_config,
     default_config_path,
     from_section,
     parse_command,
+    runtime_config,
     write_run_config,
 )
 
@@ -47,7 +54,7 @@ FLAGS = (Flag("checkpoint", help="checkpoint directory (with tokenizer.json)", r
                             '"candidates"?}]}', required=True),
          Flag("workdir", help="run folder (re-running resumes)", required=True),
          Flag("allow_config_change", bool, False,
-              help="resume even though the saved config.json differs"))
+              help="resume even though the saved config.json differs"), *RUNTIME_FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +69,8 @@ class DreamRunConfig:
     dream_template: the dream prompt around the context ({context}); prompt_format: a question's
       closed-book prompt ({question}), tau's prompts.
     log_every / checkpoint_every / keep_checkpoints / progress_bar: the run loop.
+    mesh / devices: the mesh (``mesh.run_mesh``: the spec over every device of every process,
+      or the first ``devices`` of one process).
     """
 
     steps: int = 200
@@ -77,6 +86,8 @@ class DreamRunConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     progress_bar: bool = True
+    mesh: str = "fsdp=-1"
+    devices: int = 0
 
     def __post_init__(self):
         for name in ("steps", "contexts", "slots", "rank"):
@@ -111,7 +122,7 @@ def parse(argv: list[str]):
     return config, args, run, dream, rl
 
 
-def prepare_model(base, run: DreamRunConfig, rng):
+def prepare_model(base, run: DreamRunConfig, rng, mesh=None):
     """(model with both slots on, generator slot, inner slot): growth when fewer than two slots
     are free (module docstring, step 2)."""
     import jax
@@ -130,7 +141,7 @@ def prepare_model(base, run: DreamRunConfig, rng):
                else cfg.replace(expert_slots=E + 2 - free))
         if dst.expert_slots < 2:
             raise ValueError(f"DreamRunConfig.slots={run.slots}: dreaming needs 2 slots")
-        mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
+        mesh = mesh or make_mesh("fsdp=1", devices=jax.devices()[:1])
         model, _ = grow_model(base, cfg, dst, mesh=mesh, rng=k_grow)
     on = set(used_slots(model))
     gen_slot, inner_slot = [e for e in range(model.config.expert_slots) if e not in on][:2]
@@ -140,17 +151,27 @@ def prepare_model(base, run: DreamRunConfig, rng):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sleep_jax import runtime
     from sleep_jax.data.jsonl import JsonlError
     from sleep_jax.dream.tasks import read_tasks, task_arrays
+    from sleep_jax.mesh import run_mesh
     from sleep_jax.models.checkpoint_dir import CheckpointError, load_checkpoint
 
     try:
         config, a, run, dcfg, rl = parse(list(sys.argv[1:] if argv is None else argv))
         if config is None:
             return 0  # --help
+        try:  # many processes: before any device use
+            runtime.initialize(runtime_config(a))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            mesh = run_mesh(run.mesh, run.devices)
+        except ValueError as e:
+            raise ConfigError(f"run.mesh={run.mesh!r}, run.devices={run.devices}: {e}") from None
         check_run_config(a["workdir"], config, a["allow_config_change"])
         tasks = read_tasks(a["tasks"])
-        base, tok, meta = load_checkpoint(a["checkpoint"])
+        base, tok, meta = load_checkpoint(a["checkpoint"], mesh=mesh)  # onto its shards
         if tok is None:
             raise ValueError(f"checkpoint {a['checkpoint']!r} has no tokenizer.json; dreaming "
                              "needs one to read the task set")
@@ -164,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, JsonlError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"sleep-jax dream: error: {e}", file=sys.stderr)
         return 2
-    write_run_config(a["workdir"], config, a["allow_config_change"])
+    if runtime.is_writer():
+        write_run_config(a["workdir"], config, a["allow_config_change"])
     result = train_generator(base, tok, meta, arrays, run=run, cfg=dcfg, rl=rl,
-                             workdir=a["workdir"], checkpoint=a["checkpoint"])
+                             workdir=a["workdir"], checkpoint=a["checkpoint"], mesh=mesh)
+    if not runtime.is_writer():
+        return 0 if result["status"] == "done" else 1
     print(json.dumps({k: result[k] for k in ("status", "step", "reward_first", "reward_last")},
                      indent=2))
     print(f"outputs in {a['workdir']}: metrics.jsonl, train/ (resume by re-running), model/ "
@@ -175,12 +199,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, workdir: str,
-                    checkpoint: str) -> dict:
-    """The run behind the command (module docstring, steps 2-4); returns a summary dict."""
+                    checkpoint: str, mesh=None) -> dict:
+    """The run behind the command (module docstring, steps 2-4) on ``mesh`` (default: one
+    device); returns a summary dict."""
     import jax
     import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
 
+    from sleep_jax import runtime
     from sleep_jax.dream import iteration
+    from sleep_jax.mesh import make_mesh
     from sleep_jax.models.checkpoint_dir import save_checkpoint
     from sleep_jax.train.loop import LoopConfig, RngSource, read_metrics, run_loop
     from sleep_jax.train.optim import make_optimizer
@@ -190,18 +218,25 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
     bos = tokens.get("bos_id")
     bos = pad if bos is None else bos
     key = jax.random.key(run.seed)
-    model, gslot, islot = prepare_model(base, run, jax.random.fold_in(key, 99))
+    mesh = mesh or make_mesh("fsdp=1", devices=jax.devices()[:1])
+    model, gslot, islot = prepare_model(base, run, jax.random.fold_in(key, 99), mesh)
     gen, a0 = iteration.prepare(model, gen_slot=gslot, inner_slot=islot,
                                 tx=make_optimizer(run.optim, run.steps))
     N = arrays.prompt.shape[0]
-    source = RngSource(lambda r: arrays.as_batch(r.integers(0, N, run.contexts)),
+    # the same global batch on every process, each placing its rows (contexts over the mesh's
+    # batch axes; a count they do not divide is replicated)
+    source = RngSource(lambda r: runtime.shard_rows(arrays.as_batch(r.integers(0, N,
+                                                                              run.contexts)),
+                                                    mesh),
                        np.random.default_rng(run.seed + 17))
     eos = tokens.get("eos_id")
 
-    # one device, SingleDeviceSharding throughout (a restored state too): the step's outputs
-    # then carry the shardings of its inputs, so every step, resumed or not, runs one program
-    dev = jax.devices()[0]
-    gen, a0 = jax.device_put((gen, a0), dev)
+    # fixed shardings on the mesh for the state (a restored one too): every step, resumed or
+    # not, runs one program. The generator state by its logical names, adapter0 replicated.
+    gen = jax.device_put(gen, gen.shardings(mesh))
+    a0 = jax.device_put(a0, NamedSharding(mesh, PartitionSpec()))
+    state_sh = jax.tree.map(lambda x: x.sharding,
+                            {"params": gen.params, "opt_state": gen.opt_state, "step": gen.step})
 
     @jax.jit
     def core(g, adapter0, batch, rng):
@@ -212,7 +247,7 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
         return {"params": g.params, "opt_state": g.opt_state, "step": g.step}, m
 
     def step(state, batch, rng):  # the checkpointed state is the generator adapter's part
-        return core(gen.replace(**jax.device_put(state, dev)), a0, batch, rng)
+        return core(gen.replace(**jax.device_put(state, state_sh)), a0, batch, rng)
 
     state = {"params": gen.params, "opt_state": gen.opt_state, "step": gen.step}
     lcfg = LoopConfig(steps=run.steps, log_every=run.log_every,
@@ -221,7 +256,9 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
                       seed=run.seed, tensorboard=False)
     res = run_loop(step, state, source, cfg=lcfg, rng=key, workdir=workdir,
                    desc="dream: generator")
-    history = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    # process 0 wrote the metrics (another host may not see its file)
+    history = read_metrics(os.path.join(workdir, "metrics.jsonl")) if runtime.is_writer() \
+        else []
     final = gen.replace(**res.state)
     model_dir = os.path.join(workdir, "model")
     info = {"generator_slot": gslot, "inner_slot": islot, "generator_file": GENERATOR_FILE,
@@ -230,10 +267,12 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
             "rl": dataclasses.asdict(rl)}
     # the model as the dreams see it (the generator slot's B = 0); the trained adapter is kept
     # beside it, not written into the slot, so the checkpoint computes what its input did
-    save_checkpoint(model_dir, model, tok, tokens=tokens,
+    save_checkpoint(model_dir, model, tok, tokens=tokens,  # every process: its shards
                     extra={**meta.get("extra", {}), "grown_from": os.path.abspath(checkpoint),
                            "dream": info})
-    save_generator(model_dir, final.params)
+    adapter = runtime.host_read(final.params)  # a collective when it spans processes
+    if runtime.is_writer():
+        save_generator(model_dir, adapter)
     rewards = [r["reward_mean"] for r in history if "reward_mean" in r]
     return {"status": res.status, "step": res.step, "message": res.message,
             "reward_first": rewards[0] if rewards else None,

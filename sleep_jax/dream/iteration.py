@@ -87,7 +87,9 @@ def check_generator(gen: AdapterState, inner_slot: int) -> None:
                          f"different slots that are on (slots on: {on})")
     frozen = extract_adapter(gen.frozen, jnp.asarray(gslot, jnp.int32))
     bs = [k for k in frozen if k.endswith("expert_b")]
-    if not bs or any(np.any(np.asarray(frozen[k][...])) for k in bs):
+    from sleep_jax.runtime import host_read  # the slot may span processes
+
+    if not bs or any(np.any(host_read(frozen[k][...])) for k in bs):
         raise ValueError(f"the frozen values of generator slot {gslot} must have B = 0 (as "
                          f"activate_slot leaves them): the dreams' base model would otherwise "
                          f"include an old generator")

@@ -86,9 +86,12 @@ class BestCheckpoint:
         if cand is None or cand["step"] != r["step"]:
             return False
         self.record = cand
+        from sleep_jax.runtime import host_read
+
         # a real copy: on CPU device_get returns a view that pins the device buffer, which the
-        # next (donating) train step would otherwise reuse
-        self.params = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(params))
+        # next (donating) train step would otherwise reuse. host_read: also when the arrays
+        # span processes (a collective then: every process updates alike)
+        self.params = jax.tree.map(lambda x: np.array(x, copy=True), host_read(params))
         return True
 
     @property
