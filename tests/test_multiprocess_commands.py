@@ -29,7 +29,7 @@ SMALL = dict(n_old=8, n_new=4, n_task=4, rc_items=40, general_items=10, dream_it
              embed=32, mlp=64, expert_rank=4, base_steps=6, base_batch=8, base_warmup=2,
              sleep_steps=4, sleep_batch=8, eval_every=2)
 TIMES = ("wall_s", "base_train_s", "base_eval_s", "sft_step_s", "timing", "train_s", "step_s",
-         "compile_s", "time_s", "time_per_cycle_s", "checkpoint")
+         "compile_s", "time_s", "time_per_cycle_s", "seconds", "dream_s", "checkpoint")
 
 
 def _env():
@@ -105,12 +105,18 @@ def _dream_inputs(tmp):
         f.writelines(json.dumps(r) + "\n" for r in RECORDS)
 
 
-def test_two_process_dream_equals_one_process(tmp_path):
-    _dream_inputs(tmp_path)
+@pytest.fixture(scope="module")
+def dreams(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mproc_dream")
+    _dream_inputs(tmp)
     cmd = [PY, "-m", "sleep_jax.cli", "dream", "--config", f"{CONFIGS}/dream.py:quick",
-           "--checkpoint", str(tmp_path / "base"), "--tasks", str(tmp_path / "tasks.jsonl"),
+           "--checkpoint", str(tmp / "base"), "--tasks", str(tmp / "tasks.jsonl"),
            "--config.run.slots=2", "--config.run.rank=4", "--config.run.steps=3"]
-    out = _one_and_two(cmd, tmp_path)
+    return tmp, _one_and_two(cmd, tmp)
+
+
+def test_two_process_dream_equals_one_process(dreams):
+    tmp_path, out = dreams
     recs = [[{k: v for k, v in json.loads(x).items() if k not in ("time_s",) and
               not k.endswith("_s") and k != "ms/step"}
              for x in (tmp_path / w / "metrics.jsonl").read_text().splitlines()]
@@ -143,3 +149,38 @@ def test_two_process_cycle_demo_equals_one_process(tmp_path):
     one, two = (json.loads((tmp_path / w / "report.json").read_text()) for w in ("one", "two"))
     _same(one["methods"], two["methods"], "report")
     assert out.count("outputs in ") == 1  # process 0 alone reports
+
+
+def test_two_process_sleep_with_dreaming_rehearsal_equals_one_process(dreams, tmp_path):
+    """``sleep-jax sleep`` with the trained generator (``sleep.rehearse.generator``): seeding
+    into a slot, then dreams about the memories (their contexts over the batch axes) and
+    rehearsal of the slot on them; the dreams and the slot come out alike."""
+    from test_dream_cli import RECORDS
+
+    gen = dreams[0] / "one" / "model"
+    with open(tmp_path / "m.jsonl", "w") as f:
+        f.writelines(json.dumps({"id": r["id"], "text": r["context"]}) + "\n" for r in RECORDS)
+    with open(tmp_path / "p.jsonl", "w") as f:
+        f.writelines(json.dumps({"memory_id": r["id"], "question": q["question"],
+                                 "answers": q["answers"]}) + "\n"
+                     for r in RECORDS for q in r["questions"][:1])
+    cmd = [PY, "-m", "sleep_jax.cli", "sleep", "--config", f"{CONFIGS}/sleep.py:quick",
+           "--checkpoint", str(gen), "--memories", str(tmp_path / "m.jsonl"), "--probes",
+           str(tmp_path / "p.jsonl"), "--config.sleep.steps=2", "--config.sleep.batch_size=4",
+           "--config.sleep.progress_bar=False", "--config.sleep.eval_tokens=1",
+           "--config.replay.source=none", "--config.seeding.max_new_tokens=2",
+           "--config.mesh=fsdp=2", "--config.sleep.when_full=grow",
+           f"--config.sleep.rehearse.generator={gen}",
+           "--config.sleep.rehearse.steps=2", "--config.sleep.rehearse.batch_size=4",
+           "--config.sleep.rehearse.replay_fraction=0",
+           "--config.sleep.rehearse.contexts_per_call=2",
+           "--config.sleep.rehearse.dream.max_dream_tokens=4"]
+    _one_and_two(cmd, tmp_path)
+    one, two = (json.loads((tmp_path / w / "report.json").read_text()) for w in ("one", "two"))
+    rh = two["rehearsal"]
+    assert rh["steps"] == 2 and rh["status"] == "done" and rh["dreams"]["kept"] > 0
+    _same(one["rehearsal"], rh, "rehearsal")
+    d1, d2 = ([json.loads(x) for x in (tmp_path / w / "rehearse" / "dreams.jsonl").read_text()
+               .splitlines()] for w in ("one", "two"))
+    assert len(d2) == 1 + rh["dreams"]["rows"]  # the summary, then one line per dream
+    _same(d1, d2, "dreams")  # the same dreams, token for token

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, JsonlError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"sleep-jax sleep: error: {e}", file=sys.stderr)
         return 2
-    if sleep_cfg.expert:
+    if sleep_cfg.expert and sleep_cfg.when_full != "grow":  # "grow" adds slots when full
         from sleep_jax.grow import SlotsExhausted, next_free_slot
 
         try:

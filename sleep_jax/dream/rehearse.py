@@ -64,6 +64,7 @@ from flax import nnx
 
 from sleep_jax.distill import seeding
 from sleep_jax.dream.config import DreamConfig
+from sleep_jax.runtime import barrier, host_read, is_writer, shard_rows
 from sleep_jax.train.adapters import AdapterState
 from sleep_jax.train.optim import OptimConfig
 
@@ -200,6 +201,8 @@ def dream_model(model: nnx.Module, adapter: dict, rng, *, mesh=None):
     model, _ = activate_slot(model, None, i, k_inner)
     gen = create_adapter_state(model, g, optax.identity())
     gen = gen.replace(params=fit_generator(gen.params, adapter))
+    if mesh is not None:  # the host-built adapter onto the mesh with the rest of the state
+        gen = jax.device_put(gen, gen.shardings(mesh))
     check_generator(gen, i)
     return gen, i, make_base(model, i)[1]
 
@@ -320,6 +323,10 @@ def dream_memories(model: nnx.Module, generator, tokenizer, memories, *, cfg: Re
     arr = context_arrays([m.text for m in keep], enc, template=template, bos_id=bos,
                          pad_id=pad, chunk=cfg.contexts_per_call)
     out.noise_slots = used_slots(model) if cfg.route_noise > 0 else []  # the trained ones
+    if mesh is None:
+        from sleep_jax.mesh import make_mesh
+
+        mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
     gen, islot, a0 = dream_model(model, adapter, jax.random.fold_in(rng, 0), mesh=mesh)
     rl = RLConfig(algorithm="grpo", temperature=cfg.temperature, top_k=cfg.top_k)
     max_len = arr["prompt"].shape[1] + cfg.dream.max_dream_tokens + 1
@@ -341,9 +348,11 @@ def dream_memories(model: nnx.Module, generator, tokenizer, memories, *, cfg: Re
     for r in range(cfg.rounds):
         for c in range(calls):
             sl = slice(c * C, (c + 1) * C)
-            batch = DreamBatch(*(jnp.asarray(arr[k][sl]) for k in
-                                 ("prompt", "prompt_len", "ctx", "ctx_mask")))
-            res = jax.device_get(draw(gen, a0, batch, jax.random.fold_in(rng, 1 + r * calls + c)))
+            # the same contexts on every process, each placing its rows; results read whole
+            batch = DreamBatch(*shard_rows([arr[k][sl] for k in
+                                            ("prompt", "prompt_len", "ctx", "ctx_mask")],
+                                           mesh))
+            res = host_read(draw(gen, a0, batch, jax.random.fold_in(rng, 1 + r * calls + c)))
             for n in range(C):
                 if c * C + n >= arr["real"]:
                     break  # a padded repeat
@@ -527,14 +536,16 @@ def rehearse(state: AdapterState, teacher: nnx.Module, tokenizer, memories,
     mesh = mesh or make_mesh("fsdp=1", devices=jax.devices()[:1])
     key = jax.random.key(cfg.seed + 5)
     path = None if workdir is None else os.path.join(workdir, DREAMS_FILE)
-    if path is not None and os.path.exists(path):
+    found = path is not None and os.path.exists(path)
+    barrier("sleep_jax_rehearse_dreams_checked")  # every process decided before any writes
+    if found:
         dreams = read_dreams(path)
     else:
         generator = generator or read_generator_adapter(cfg.generator)
         dreams = dream_memories(state.model(), generator, tokenizer, memories, cfg=cfg,
                                 tokens=tokens, rng=jax.random.fold_in(key, 0),
                                 probe_questions=probe_questions, mesh=mesh)
-        if path is not None:
+        if path is not None and is_writer():
             os.makedirs(workdir, exist_ok=True)
             write_dreams(path, dreams)
     replay = [list(p) for p in replay_prompts
@@ -559,7 +570,8 @@ def rehearse(state: AdapterState, teacher: nnx.Module, tokenizer, memories,
     lcfg = LoopConfig(steps=cfg.steps, log_every=log_every, checkpoint_every=checkpoint_every,
                       keep_checkpoints=keep_checkpoints, progress_bar=progress_bar,
                       seed=cfg.seed, tensorboard=False)
-    start = jax.device_get(st.params)  # host copy: the step donates the state
+    # host copy (the step donates the state); host_read: also when it spans processes
+    start = jax.tree.map(lambda x: np.array(x, copy=True), host_read(st.params))
     t0 = time.perf_counter()
     res = run_loop(lambda s, b, k: step_fn(s, tg, ts, b, k), st, source, cfg=lcfg,
                    rng=jax.random.fold_in(key, 1), workdir=workdir, desc="sleep: rehearsal",
@@ -573,7 +585,7 @@ def rehearse(state: AdapterState, teacher: nnx.Module, tokenizer, memories,
 
     moved = jax.tree.map(lambda a, b: float(np.sum((np.asarray(a, np.float64)
                                                     - np.asarray(b, np.float64)) ** 2)),
-                         jax.device_get(res.state.params), start)
+                         host_read(res.state.params), start)
     report.update(steps=res.step, status=res.status, train_s=train_s,
                   slot_change=float(np.sqrt(sum(jax.tree.leaves(moved)))),
                   seconds=dreams.seconds + train_s,
