@@ -6,7 +6,9 @@ demo.seed, demo.seed + 1, ...; ``demo`` holds every size and budget of
 ``sleep_jax.demo.DemoConfig`` (methods as a tuple, e.g.
 ``--config.demo.methods="('sft','sleep')"``; the methods are listed in sleep_jax/demo.py).
 ``rows``: "default" runs demo.methods; "full" runs every baseline of the comparison
-(``sleep_jax.demo.FULL_ROWS``), about twice the time.
+(``sleep_jax.demo.FULL_ROWS``), about twice the time; "dream" runs dreaming's rows
+(``sleep_jax.demo.DREAM_ROWS``: sleep, sleep + dreaming, its untrained-generator and
+extra-steps controls; the generator is trained on the TASK entities first).
 """
 
 import ml_collections
@@ -28,6 +30,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.preset = name
     config.seeds = 1
-    config.rows = "default"  # "full": every baseline row (FULL_ROWS) instead of demo.methods
+    config.rows = "default"  # "full" / "dream": FULL_ROWS / DREAM_ROWS instead of demo.methods
     config.demo = section(DemoConfig, **_PRESETS[name])
     return config

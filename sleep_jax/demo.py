@@ -89,6 +89,21 @@ class DemoConfig:
     val_old_entities: int = 30  # OLD subsample of the validation curve
     max_old_drop: float = 0.05  # selection: best validation NEW with OLD drop <= this
     store_size: int = 3  # the in-context baseline's store: the last N memories
+    # dreaming rows (sleep_dream, sleep_dream_untrained, sleep_long; sleep_jax.demo_dream): the
+    # generator's training on the TASK entities, then rehearsal after consolidation
+    dream_updates: int = 100  # generator updates (GRPO on the contrastive reward)
+    dream_contexts: int = 4  # TASK contexts per update
+    dream_lr: float = 1e-2  # the generator adapter's learning rate
+    dreams: int = 8  # dreams drawn per context (the GRPO group)
+    dream_keep_top: int = 2  # kept per context: the top-k by importance ...
+    dream_keep_random: int = 1  # ... plus b at random
+    dream_inner_steps: int = 4  # the reward's inner fine-tune of one adapter per dream
+    dream_tokens: int = 32  # dream length
+    dream_temperature: float = 1.0  # the generator's sampling, in training and at rehearsal
+    rehearse_steps: int = 100  # extra steps after consolidation (sleep_long: as consolidation)
+    rehearse_rounds: int = 2  # generate-and-select draws per NEW memory
+    rehearse_lr: float = 1e-3  # chosen on validation, seed 3 (docs/LOG.md 2026-12-02, ninth)
+    rehearse_replay: float = 0.5  # share of replay rows in a rehearsal batch
     # the default rows fit the 10-minute budget on 2 cores; --config.rows=full runs FULL_ROWS
     methods: tuple[str, ...] = ("seed_full", "sleep")
     # the mesh of every stage ("fsdp=-1": every device of every process; the CPU demo has one)
@@ -117,13 +132,21 @@ METHODS = {
     "sleep_sparse_low": "as sleep_sparse with less replay (low_replay_fraction)",
     "sleep_routed_sparse_low": "router (no gate cost) + output-RMS cost, less replay",
     "sleep_imitate": "as sleep, loss alpha * GKD + (1 - alpha) * Learning to Imitate (GRPO)",
+    "sleep_dream": "as sleep, then dreaming: a generator trained on the TASK entities dreams "
+                   "about the NEW memories; the kept dreams + replay train the slot "
+                   "rehearse_steps more steps",
+    "sleep_dream_untrained": "as sleep_dream with the generator before training (control)",
+    "sleep_long": "as sleep with rehearse_steps more consolidation steps (control: the same "
+                  "extra steps without dreams)",
 }
 
 
 # The comparison's rows (``--config.rows=full``): every baseline of the README's table.
 FULL_ROWS = ("sft", "sft_replay", "opsd", "seed_full", "seed_noreplay", "sft_slot_replay",
              "sleep")
-ROWS = ("default", "full")
+# Dreaming's rows (``--config.rows=dream``): sleep, sleep + dreaming and its two controls.
+DREAM_ROWS = ("sleep", "sleep_dream", "sleep_dream_untrained", "sleep_long")
+ROWS = ("default", "full", "dream")
 
 
 def _setup_logging():
@@ -176,18 +199,28 @@ def parse(argv: list[str]) -> tuple[list[DemoConfig] | None, str]:
         raise ConfigError("; ".join(problems))
     if config.rows not in ROWS:
         raise ConfigError(f"rows={config.rows!r}; allowed: {', '.join(ROWS)}")
-    if config.rows == "full":
+    if config.rows != "default":
+        rows = FULL_ROWS if config.rows == "full" else DREAM_ROWS
         if tuple(cfg.methods) != DemoConfig().methods:
-            raise ConfigError(f"rows='full' runs every baseline ({', '.join(FULL_ROWS)}) and "
-                              f"would ignore demo.methods={tuple(cfg.methods)!r}: set one of "
-                              "the two")
-        cfg = dataclasses.replace(cfg, methods=FULL_ROWS)
+            raise ConfigError(f"rows={config.rows!r} runs {', '.join(rows)} and would ignore "
+                              f"demo.methods={tuple(cfg.methods)!r}: set one of the two")
+        cfg = dataclasses.replace(cfg, methods=rows)
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown or not cfg.methods:
         raise ConfigError(f"demo.methods={cfg.methods!r}: unknown method(s) {unknown}; "
                           f"allowed: {', '.join(METHODS)}")
     if config.seeds < 1:
         raise ConfigError(f"seeds={config.seeds} must be >= 1")
+    from sleep_jax.demo_dream import generator_configs, needs_generator
+    from sleep_jax.demo_run import method_plan
+
+    try:  # every row's settings (and the dream generator's) are checked before any work
+        for m in cfg.methods:
+            method_plan(cfg, m, {"trained": "-", "untrained": "-"})
+        if needs_generator(cfg.methods):
+            generator_configs(cfg)
+    except ValueError as e:
+        raise ConfigError(f"demo: {e}") from None
     seeds = [dataclasses.replace(cfg, seed=cfg.seed + k) for k in range(config.seeds)]
     from sleep_jax import runtime
 

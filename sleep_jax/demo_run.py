@@ -170,6 +170,9 @@ METHOD_PARTS = {
     "sleep_sparse_low": dict(expert_l1=True, replay="low"),
     "sleep_routed_sparse_low": dict(router=True, expert_l1=True, replay="low"),
     "sleep_imitate": dict(imitation=True),
+    "sleep_dream": dict(rehearse="trained"),
+    "sleep_dream_untrained": dict(rehearse="untrained"),
+    "sleep_long": dict(extra_steps=True),
 }
 
 
@@ -186,9 +189,12 @@ class MethodPlan:
         return self.sleep.expert
 
 
-def method_plan(cfg, method: str) -> MethodPlan:
+def method_plan(cfg, method: str, generators: dict | None = None) -> MethodPlan:
     """The plan of a demo method under the DemoConfig ``cfg``: one expert slot (the demo grows
-    one sleep's worth), the demo's optimizer, budget and prompts."""
+    one sleep's worth), the demo's optimizer, budget and prompts; a dreaming row rehearses with
+    ``generators[which]`` (a generator folder, ``demo_dream.train_demo_generator``)."""
+    from sleep_jax.dream.rehearse import RehearseConfig
+
     parts = {"expert": True, "router": False, "replay": "full", **METHOD_PARTS[method]}
     replay = {"full": cfg.replay_fraction, "low": cfg.low_replay_fraction,
               "none": 0.0}[parts["replay"]]
@@ -201,20 +207,32 @@ def method_plan(cfg, method: str) -> MethodPlan:
             teacher=parts.get("teacher", "frozen"), lam=parts.get("lam", 0.5))
     opt = lambda lr, pull=0.0: OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.0,
                                            pull_to_init=pull)
+    rehearse = RehearseConfig()
+    if parts.get("rehearse"):
+        from sleep_jax.demo_dream import dream_config
+
+        if not generators or parts["rehearse"] not in generators:
+            raise ValueError(f"demo method {method!r} needs the {parts['rehearse']} generator")
+        rehearse = RehearseConfig(
+            generator=generators[parts["rehearse"]], steps=cfg.rehearse_steps,
+            batch_size=cfg.sleep_batch, replay_fraction=cfg.rehearse_replay,
+            rounds=cfg.rehearse_rounds, optim=opt(cfg.rehearse_lr), dream=dream_config(cfg),
+            temperature=cfg.dream_temperature, seed=cfg.seed)
+    steps = cfg.sleep_steps + (cfg.rehearse_steps if parts.get("extra_steps") else 0)
     sleep_cfg = SleepConfig(
-        steps=cfg.sleep_steps, batch_size=cfg.sleep_batch, expert=parts["expert"], slots=1,
+        steps=steps, batch_size=cfg.sleep_batch, expert=parts["expert"], slots=1,
         rank=cfg.expert_rank, router=parts["router"], optim=opt(cfg.expert_lr),
         full_optim=opt(cfg.full_lr, cfg.l2_pull if parts.get("l2") else 0.0),
         prompts="given", memory_separator="",
         objective="sft" if parts.get("sft") else "seeding", sft_seq_len=cfg.sft_seq_len,
-        seed=cfg.seed, eval_every=cfg.eval_every, checkpoint_every=0)
+        seed=cfg.seed, eval_every=cfg.eval_every, checkpoint_every=0, rehearse=rehearse)
     source = "texts" if parts.get("sft") else "prompts"
     return MethodPlan(sleep_cfg, scfg, ReplayConfig(fraction=replay, source=source,
                                                     earlier_sleeps=False))
 
 
-def run_method(ctx: Ctx, method: str, base: nnx.Module, validation, base_val_old: float
-               ) -> dict:
+def run_method(ctx: Ctx, method: str, base: nnx.Module, validation, base_val_old: float,
+               generators: dict | None = None) -> dict:
     """Sleep with one method through the sleep pipeline (``sleep_jax.sleep.sleep``), choosing
     its checkpoint on validation as it trains (``eval.select.BestCheckpoint``: best validation
     NEW with validation OLD drop <= ``max_old_drop``). Returns the end model, the selected
@@ -223,7 +241,7 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, validation, base_val_old
     from sleep_jax.data.jsonl import Memory
     from sleep_jax.eval.select import BestCheckpoint
 
-    plan = method_plan(ctx.cfg, method)
+    plan = method_plan(ctx.cfg, method, generators)
     new = ctx.world.entities("new")
     memories = [Memory(e.name, worldlib.passage(e)) for e in new]
     prompts = {e.name: entity_prompts(e) for e in new}
@@ -240,24 +258,39 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, validation, base_val_old
         "bos_id": ctx.ids["bos"], "eos_id": ctx.ids["eos"], "pad_id": ctx.ids["pad"]},
         cfg=plan.sleep, seeding_cfg=plan.seeding, replay=plan.replay, prompts=prompts,
         replay_prompts=replay_prompts, replay_texts=replay_texts, mesh=ctx.mesh,
-        eval_fn=on_eval, desc=f"sleep: {method}")
+        eval_fn=on_eval, desc=f"sleep: {method}",
+        # dreaming rows: no dream or replay row may hold an evaluation question
+        probe_questions=probe_questions(ctx) if plan.sleep.rehearse.enabled else ())
+    curve = [{**c, "train_s": c["step"] * r.step_s} for c in r.curve]
+    end_step = r.history[-1]["step"] if r.history else 0
+    if r.rehearsal is not None and r.rehearsal["steps"]:  # dreaming's end: one more point
+        train_s = end_step * r.step_s + r.rehearsal["seconds"]  # dreams and rehearsal steps
+        end_step += r.rehearsal["steps"]
+        curve.append({"step": end_step, **on_eval(r.model, end_step), "train_s": train_s})
     selected = None
     if best.qualifies:  # the host copy back onto the end model's shardings
         selected = fresh_copy(r.model)
         end = nnx.state(selected, nnx.Param)
         nnx.update(selected, jax.tree.map(lambda h, x: jax.device_put(h, x.sharding),
                                           best.params, end))
-    curve = [{**c, "train_s": c["step"] * r.step_s} for c in r.curve]
     if r.status != "done":
         log.warning("%s stopped early (%s): %s", method, r.status, r.message)
-    end_step = r.history[-1]["step"] if r.history else 0
     out = {"model": r.model, "selected_model": selected, "selected": best.record,
            "end_step": end_step, "status": r.status,
            "curve": curve, "step_s": r.step_s, "compile_s": r.compile_s,
            "configs": configs_to_dict(plan.sleep, plan.seeding, plan.replay)}
     if r.experts:
         out["experts"] = r.experts
+    if r.rehearsal is not None:
+        out["rehearsal"] = r.rehearsal
     return out
+
+
+def probe_questions(ctx: Ctx) -> list[str]:
+    """Every question the demo evaluates NEW memories with (test and validation wordings):
+    a dream or replay row holding one is dropped (``dream.rehearse``)."""
+    return [q.question for w in (*TEST_WORDINGS, *worldlib.VALIDATION)
+            for q in ctx.world.qa("new", w)]
 
 
 def sft_step_time(ctx: Ctx, base: nnx.Module, n: int = 12) -> float:
@@ -435,9 +468,17 @@ def run_seed(cfg, workdir: str) -> dict:
              cfg.store_size, _fmt(in_ctx), t_eval)
 
     results, curves, timing, method_configs = {}, {}, {}, {}
+    generators, dreaming = None, None
+    from sleep_jax import demo_dream
+
+    if demo_dream.needs_generator(cfg.methods):  # once per seed, before the rows
+        dreaming = demo_dream.train_demo_generator(ctx, base, os.path.join(workdir, "dream"))
+        generators = {k: dreaming[k] for k in ("trained", "untrained")}
+        timing["dream_generator"] = {"step_s": dreaming.pop("step_s"), "compile_s":
+                                     dreaming.pop("compile_s"), "wall_s": dreaming["wall_s"]}
     for method in cfg.methods:
         t0 = time.time()
-        r = run_method(ctx, method, base, validation, base_eval["val_old"])
+        r = run_method(ctx, method, base, validation, base_eval["val_old"], generators)
         last = r["curve"][-1]
         if last["step"] != r["end_step"]:  # stopped between evaluations: validate the end too
             last = {"step": r["end_step"], **validation(r["model"])}
@@ -453,6 +494,8 @@ def run_seed(cfg, workdir: str) -> dict:
                            "selected": sel, "end": end,
                            "extra": {f"expert_{k}": float(v)
                                      for k, v in r.get("experts", {}).items()}}
+        if "rehearsal" in r:
+            results[method]["rehearsal"] = r["rehearsal"]
         curves[method] = r["curve"]
         timing[method] = {"step_s": r["step_s"], "compile_s": r["compile_s"],
                           "wall_s": time.time() - t0}
@@ -468,6 +511,8 @@ def run_seed(cfg, workdir: str) -> dict:
         "sft_step_s": sft_step_time(ctx, base), "method_configs": method_configs,
         "base_train_s": t_base, "base_eval_s": t_eval, "wall_s": time.time() - t_start,
     }
+    if dreaming is not None:
+        report["dreaming"] = dreaming
     if runtime.is_writer():
         write_report(report, workdir)
     return report

@@ -52,9 +52,13 @@ def test_every_method_plans_a_valid_sleep():
     """Each demo method's options (METHOD_PARTS) become valid SleepConfig/SeedingConfig/
     ReplayConfig (their checks run in __post_init__), without training."""
     cfg = DemoConfig()
+    gens = {"trained": "/g/trained", "untrained": "/g/untrained"}
     for method in METHOD_PARTS:
-        plan = method_plan(cfg, method)
-        assert plan.sleep.steps == cfg.sleep_steps and plan.sleep.slots == 1, method
+        plan = method_plan(cfg, method, gens)
+        extra = cfg.rehearse_steps if method == "sleep_long" else 0
+        assert plan.sleep.steps == cfg.sleep_steps + extra and plan.sleep.slots == 1, method
+        assert plan.sleep.rehearse.generator == gens.get(METHOD_PARTS[method].get("rehearse"),
+                                                         ""), method
         sft = bool(METHOD_PARTS[method].get("sft"))
         assert (plan.seeding is None) == sft and (plan.sleep.objective == "sft") == sft, method
         assert plan.replay.source == ("texts" if sft else "prompts"), method
@@ -76,6 +80,9 @@ def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
     assert main(["--workdir", str(out), "--config.rows=full",
                  "--config.demo.methods=('sleep',)"]) == 2
     assert "would ignore demo.methods=('sleep',)" in capsys.readouterr().err
+    assert main(["--workdir", str(out), "--config.rows=dream",
+                 "--config.demo.methods=('sleep',)"]) == 2
+    assert "rows='dream' runs sleep, sleep_dream" in capsys.readouterr().err
     assert main(["--workdir", str(out), "--config.seeds=0"]) == 2
     assert "seeds=0 must be >= 1" in capsys.readouterr().err
     assert main(["--workdir", str(out), "--config.demo.store_size=0"]) == 2
@@ -83,5 +90,11 @@ def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
     assert main(["--workdir", str(out), "--config.demo.sft_seq_len=20"]) == 2
     assert "demo.sft_seq_len=20 must be >= 35" in capsys.readouterr().err
     assert main(["--workdir", str(out), "--config.rows=al"]) == 2
-    assert "rows='al'; allowed: default, full" in capsys.readouterr().err
+    assert "rows='al'; allowed: default, full, dream" in capsys.readouterr().err
+    assert main(["--workdir", str(out), "--config.demo.methods=('sleep_dream',)",
+                 "--config.demo.dream_keep_top=8"]) == 2
+    assert "keep_top + keep_random = 9 of dreams=8" in capsys.readouterr().err
+    assert main(["--workdir", str(out), "--config.demo.methods=('sleep_dream',)",
+                 "--config.demo.dream_updates=0"]) == 2
+    assert "DreamRunConfig.steps=0 must be >= 1" in capsys.readouterr().err
     assert not out.exists()

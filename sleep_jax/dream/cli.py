@@ -254,6 +254,7 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
                       checkpoint_every=run.checkpoint_every,
                       keep_checkpoints=run.keep_checkpoints, progress_bar=run.progress_bar,
                       seed=run.seed, tensorboard=False)
+    initial = runtime.host_read(gen.params)  # the untrained generator (the demo's control)
     res = run_loop(step, state, source, cfg=lcfg, rng=key, workdir=workdir,
                    desc="dream: generator")
     # process 0 wrote the metrics (another host may not see its file)
@@ -277,4 +278,5 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
     return {"status": res.status, "step": res.step, "message": res.message,
             "reward_first": rewards[0] if rewards else None,
             "reward_last": rewards[-1] if rewards else None, "history": history,
-            "generator_slot": gslot, "inner_slot": islot}
+            "generator_slot": gslot, "inner_slot": islot, "initial_adapter": initial,
+            "step_s": res.step_s, "compile_s": res.compile_s}

@@ -550,7 +550,8 @@ def rehearse(state: AdapterState, teacher: nnx.Module, tokenizer, memories,
             write_dreams(path, dreams)
     replay = [list(p) for p in replay_prompts
               if not contains_probe(tokenizer.decode(list(p)), probe_questions)]
-    report = {"dreams": dreams.summary(), "replay_rows": len(replay),
+    report = {"dreams": dreams.summary(), "replay_rows": len(replay),  # + 4 kept dreams
+              "samples": [f"{m}: {t}" for m, t in zip(dreams.memory_ids, dreams.texts[:4])],
               "replay_dropped_for_probe_overlap": len(replay_prompts) - len(replay),
               "steps": 0, "status": "no dreams", "seconds": dreams.seconds,
               "dream_s": dreams.seconds, "step_s": None}

@@ -204,6 +204,33 @@ def domination_sentence(report: Mapping) -> str:
     return f"**{m} dominates** on validation{extra}: {rule}."
 
 
+def _dreaming_lines(report: Mapping) -> list[str]:
+    """The dreaming rows' section: the generator's reward over updates, and per row its kept
+    dreams (with the untrained generator: dreams before training; else after)."""
+    d = report.get("dreaming")
+    if not d:
+        return []
+    curve = ", ".join(f"{s}: {r:+.3f}" for s, r in d["rewards"])
+    out = ["", "## Dreaming", "",
+           f"The generator was trained {d['updates']} updates on {d['contexts']} TASK contexts "
+           f"(entities no evaluation asks about) in {d['wall_s']:.0f} s. Its mean reward (the "
+           f"contrastive log-prob gain on the context's own questions over the null dream, an "
+           f"adapter fine-tuned on the context itself) by update: {curve}.", ""]
+    for m, r in report["methods"].items():
+        rh = r.get("rehearsal")
+        if not rh:
+            continue
+        dr = rh["dreams"]
+        lm = ("" if rh.get("lm_loss_first") is None else
+              f", dream-row LM loss {rh['lm_loss_first']:.3f} -> {rh['lm_loss_last']:.3f}")
+        out.append(f"- **{m}**: {dr['kept']} dreams kept about {dr['contexts']} memories "
+                   f"({100 * dr['copy_share']:.0f}% copy their memory verbatim, "
+                   f"{dr['dropped_probe']} dropped for holding an evaluation question), "
+                   f"{rh['steps']} rehearsal steps{lm}. Dreams: "
+                   + " / ".join(f"`{x}`" for x in rh.get("samples", [])))
+    return out
+
+
 def markdown(report: Mapping) -> str:
     """report.md of one seed."""
     check(report)
@@ -257,6 +284,7 @@ def markdown(report: Mapping) -> str:
         lines.append(f"- **{m}**: {r.get('description', '')}")
         if r.get("extra"):
             lines.append("  - " + ", ".join(f"{k} {float(v):.3g}" for k, v in r["extra"].items()))
+    lines += _dreaming_lines(report)
     configs = report.get("method_configs") or {}
     if configs:
         lines += ["", "<details><summary>method configs (all in report.json)</summary>", ""]
