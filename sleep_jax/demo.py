@@ -138,14 +138,18 @@ METHODS = {
     "sleep_dream_untrained": "as sleep_dream with the generator before training (control)",
     "sleep_long": "as sleep with rehearse_steps more consolidation steps (control: the same "
                   "extra steps without dreams)",
+    "dream_only": "dreaming alone (SEAL-like): no consolidation and no replay; the trained "
+                  "generator's kept dreams train a new slot for sleep_steps + "
+                  "rehearse_steps steps at expert_lr",
 }
 
 
 # The comparison's rows (``--config.rows=full``): every baseline of the README's table.
 FULL_ROWS = ("sft", "sft_replay", "opsd", "seed_full", "seed_noreplay", "sft_slot_replay",
              "sleep")
-# Dreaming's rows (``--config.rows=dream``): sleep, sleep + dreaming and its two controls.
-DREAM_ROWS = ("sleep", "sleep_dream", "sleep_dream_untrained", "sleep_long")
+# Dreaming's rows (``--config.rows=dream``): sleep, sleep + dreaming, its two controls and
+# dreaming alone.
+DREAM_ROWS = ("sleep", "sleep_dream", "sleep_dream_untrained", "sleep_long", "dream_only")
 ROWS = ("default", "full", "dream")
 
 

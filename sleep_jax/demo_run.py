@@ -173,6 +173,7 @@ METHOD_PARTS = {
     "sleep_dream": dict(rehearse="trained"),
     "sleep_dream_untrained": dict(rehearse="untrained"),
     "sleep_long": dict(extra_steps=True),
+    "dream_only": dict(rehearse="trained", replay="none", dream_only=True),
 }
 
 
@@ -213,12 +214,16 @@ def method_plan(cfg, method: str, generators: dict | None = None) -> MethodPlan:
 
         if not generators or parts["rehearse"] not in generators:
             raise ValueError(f"demo method {method!r} needs the {parts['rehearse']} generator")
+        alone = parts.get("dream_only", False)  # SEAL-like: a fresh slot, dreams only, the
+        # steps of sleep_dream, the lr every fresh slot trains with (not swept)
         rehearse = RehearseConfig(
-            generator=generators[parts["rehearse"]], steps=cfg.rehearse_steps,
-            batch_size=cfg.sleep_batch, replay_fraction=cfg.rehearse_replay,
-            rounds=cfg.rehearse_rounds, optim=opt(cfg.rehearse_lr), dream=dream_config(cfg),
-            temperature=cfg.dream_temperature, seed=cfg.seed)
+            generator=generators[parts["rehearse"]],
+            steps=cfg.rehearse_steps + (cfg.sleep_steps if alone else 0),
+            batch_size=cfg.sleep_batch, replay_fraction=0.0 if alone else cfg.rehearse_replay,
+            rounds=cfg.rehearse_rounds, optim=opt(cfg.expert_lr if alone else cfg.rehearse_lr),
+            dream=dream_config(cfg), temperature=cfg.dream_temperature, seed=cfg.seed)
     steps = cfg.sleep_steps + (cfg.rehearse_steps if parts.get("extra_steps") else 0)
+    steps = 0 if parts.get("dream_only") else steps
     sleep_cfg = SleepConfig(
         steps=steps, batch_size=cfg.sleep_batch, expert=parts["expert"], slots=1,
         rank=cfg.expert_rank, router=parts["router"], optim=opt(cfg.expert_lr),
@@ -277,7 +282,10 @@ def run_method(ctx: Ctx, method: str, base: nnx.Module, validation, base_val_old
         log.warning("%s stopped early (%s): %s", method, r.status, r.message)
     out = {"model": r.model, "selected_model": selected, "selected": best.record,
            "end_step": end_step, "status": r.status,
-           "curve": curve, "step_s": r.step_s, "compile_s": r.compile_s,
+           "curve": curve, "compile_s": r.compile_s,
+           # dreaming alone: no consolidation step, the rehearsal's steps are the row's
+           "step_s": r.step_s if r.times or r.rehearsal is None
+           else (r.rehearsal["step_s"] or 0.0),
            "configs": configs_to_dict(plan.sleep, plan.seeding, plan.replay)}
     if r.experts:
         out["experts"] = r.experts

@@ -138,7 +138,9 @@ class SleepConfig:
     rehearse: dreaming after consolidation (``dream.rehearse.RehearseConfig``; off while its
       ``generator`` is ""): the trained generator dreams about the memories and the kept
       dreams train this sleep's slot further, mixed with the sleep's replay rows (needs
-      ``expert=True`` and the seeding objective).
+      ``expert=True`` and the seeding objective). With rehearsal, ``steps=0`` is dreaming
+      alone: the slot is grown (B = 0, the model's function unchanged) and only the dreams
+      (and replay rows, if any) train it.
     """
 
     steps: int = 200
@@ -188,8 +190,11 @@ class SleepConfig:
         if self.when_full not in WHEN_FULL:
             raise ValueError(f"SleepConfig.when_full={self.when_full!r}; allowed: {WHEN_FULL}")
         for name in ("steps", "batch_size", "slots", "rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SleepConfig.{name}={getattr(self, name)} must be >= 1")
+            low = 0 if name == "steps" and self.rehearse.enabled else 1
+            if getattr(self, name) < low:
+                raise ValueError(f"SleepConfig.{name}={getattr(self, name)} must be >= {low}"
+                                 + (" (0 only with rehearsal: dreaming alone)"
+                                    if name == "steps" else ""))
 
     def optimizer(self) -> OptimConfig:
         return self.optim if self.expert else self.full_optim

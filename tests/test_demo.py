@@ -5,6 +5,8 @@ test_seeding_learning.py."""
 import json
 import os
 
+import pytest
+
 from sleep_jax.demo import DemoConfig, main
 from sleep_jax.demo_run import METHOD_PARTS, method_plan
 
@@ -56,7 +58,8 @@ def test_every_method_plans_a_valid_sleep():
     for method in METHOD_PARTS:
         plan = method_plan(cfg, method, gens)
         extra = cfg.rehearse_steps if method == "sleep_long" else 0
-        assert plan.sleep.steps == cfg.sleep_steps + extra and plan.sleep.slots == 1, method
+        steps = 0 if method == "dream_only" else cfg.sleep_steps + extra
+        assert plan.sleep.steps == steps and plan.sleep.slots == 1, method
         assert plan.sleep.rehearse.generator == gens.get(METHOD_PARTS[method].get("rehearse"),
                                                          ""), method
         sft = bool(METHOD_PARTS[method].get("sft"))
@@ -69,6 +72,14 @@ def test_every_method_plans_a_valid_sleep():
     assert not method_plan(cfg, "seed_full").sleep.expert
     assert method_plan(cfg, "sft_l2_replay").sleep.full_optim.pull_to_init == cfg.l2_pull > 0
     assert method_plan(cfg, "sft_replay").sleep.full_optim.pull_to_init == 0
+    alone = method_plan(cfg, "dream_only", gens)  # SEAL-like: dreams only, as many steps
+    assert alone.replay.fraction == 0.0 and alone.sleep.rehearse.replay_fraction == 0.0
+    assert alone.sleep.rehearse.steps == cfg.sleep_steps + cfg.rehearse_steps
+    assert alone.sleep.rehearse.optim.lr == cfg.expert_lr
+    from sleep_jax.sleep import SleepConfig
+
+    with pytest.raises(ValueError, match=r"steps=0 must be >= 1 \(0 only with rehearsal"):
+        SleepConfig(steps=0)  # without a generator a sleep of no steps does nothing
 
 
 def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):

@@ -41,7 +41,7 @@ def test_task_set_holds_no_evaluated_entity_or_question():
 
 def test_dreaming_rows_train_a_generator_and_rehearse(tmp_path):
     out = tmp_path / "demo"
-    methods = ("sleep_dream", "sleep_long")
+    methods = ("sleep_dream", "sleep_long", "dream_only")
     assert main(["--config", f"{CONFIGS}/demo.py:quick", "--workdir", str(out),
                  f"--config.demo.methods={methods!r}", *TINY]) == 0
     seed = out / "seed0"
@@ -59,6 +59,11 @@ def test_dreaming_rows_train_a_generator_and_rehearse(tmp_path):
     assert rh["steps"] == 3 and rh["dreams"]["kept"] == 4 and rh["dreams"]["dropped_probe"] == 0
     assert "rehearsal" not in report["methods"]["sleep_long"]
     assert report["method_configs"]["sleep_long"]["sleep"]["steps"] == 7
+    alone = report["methods"]["dream_only"]  # no consolidation: steps 0, then 4 + 3 on dreams
+    assert alone["rehearsal"]["steps"] == 7 and alone["rehearsal"]["replay_rows"] == 0
+    assert [c["step"] for c in report["curves"]["dream_only"]] == [0, 7]
+    assert report["method_configs"]["dream_only"]["sleep"]["steps"] == 0
+    assert alone["end"]["kl_to_base"] > 0  # the dreams moved the new slot
     md = (seed / "report.md").read_text()
     assert "## Dreaming" in md and "**sleep_dream**: 4 dreams kept about 4 memories" in md
     # the untrained control's generator: the same slots, the adapter before any update
