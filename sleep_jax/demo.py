@@ -78,6 +78,10 @@ class DemoConfig:
     full_lr: float = 1e-3
     replay_fraction: float = 0.5
     low_replay_fraction: float = 0.125  # the *_low methods: does a gate need less replay?
+    # a row's own settings, chosen on validation (seed 3) like every default:
+    # "METHOD:KEY=VALUE,...;..." over demo_run.ROW_KEYS; sleep_dream, sleep_dream_untrained
+    # and sleep_long take sleep's (docs/LOG.md 2026-12-02, tenth session)
+    row_settings: str = ""
     gate_l1: float = 0.02  # gated methods: cost of the router's mean gate
     expert_l1: float = 0.1  # sparse methods: cost of the expert output's RMS per token
     imitation_alpha: float = 0.5  # sleep_imitate: alpha * GKD + (1 - alpha) * imitation
@@ -219,6 +223,9 @@ def parse(argv: list[str]) -> tuple[list[DemoConfig] | None, str]:
     from sleep_jax.demo_run import method_plan
 
     try:  # every row's settings (and the dream generator's) are checked before any work
+        from sleep_jax.demo_run import parse_row_settings
+
+        parse_row_settings(cfg.row_settings)
         for m in cfg.methods:
             method_plan(cfg, m, {"trained": "-", "untrained": "-"})
         if needs_generator(cfg.methods):

@@ -190,12 +190,51 @@ class MethodPlan:
         return self.sleep.expert
 
 
+# The settings a row may set for itself (DemoConfig.row_settings), and the rows that take
+# another row's settings when they have none of their own (sleep + something takes sleep's).
+ROW_KEYS = ("expert_lr", "full_lr", "replay_fraction", "low_replay_fraction", "l2_pull",
+            "rehearse_lr", "rehearse_replay")
+ROW_FAMILY = {"sleep_dream": "sleep", "sleep_dream_untrained": "sleep", "sleep_long": "sleep"}
+
+
+def parse_row_settings(text: str) -> dict[str, dict[str, float]]:
+    """``"sleep:expert_lr=1e-2,replay_fraction=0.625;seed_full:replay_fraction=0.75"`` ->
+    {method: {key: value}}; raises ValueError naming the bad part and what is allowed."""
+    out: dict[str, dict[str, float]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        method, sep, body = part.partition(":")
+        method = method.strip()
+        if not sep or method not in METHOD_PARTS:
+            raise ValueError(f"row_settings part {part!r}: expected METHOD:KEY=VALUE,... with "
+                             f"a method of {', '.join(METHOD_PARTS)}")
+        for kv in filter(None, (x.strip() for x in body.split(","))):
+            key, eq, value = (x.strip() for x in kv.partition("="))
+            if not eq or key not in ROW_KEYS:
+                raise ValueError(f"row_settings {method}: {kv!r}; keys allowed: "
+                                 f"{', '.join(ROW_KEYS)}")
+            try:
+                out.setdefault(method, {})[key] = float(value)
+            except ValueError:
+                raise ValueError(f"row_settings {method}: {key}={value!r} is not a number") \
+                    from None
+    return out
+
+
+def row_config(cfg, method: str):
+    """``cfg`` with ``method``'s own settings from ``cfg.row_settings`` (or its family's)."""
+    rows = parse_row_settings(cfg.row_settings)
+    own = rows.get(method, rows.get(ROW_FAMILY.get(method, ""), {}))
+    return dataclasses.replace(cfg, **own) if own else cfg
+
+
 def method_plan(cfg, method: str, generators: dict | None = None) -> MethodPlan:
     """The plan of a demo method under the DemoConfig ``cfg``: one expert slot (the demo grows
-    one sleep's worth), the demo's optimizer, budget and prompts; a dreaming row rehearses with
-    ``generators[which]`` (a generator folder, ``demo_dream.train_demo_generator``)."""
+    one sleep's worth), the demo's optimizer, budget and prompts, with the row's own settings
+    (``row_settings``); a dreaming row rehearses with ``generators[which]`` (a generator
+    folder, ``demo_dream.train_demo_generator``)."""
     from sleep_jax.dream.rehearse import RehearseConfig
 
+    cfg = row_config(cfg, method)
     parts = {"expert": True, "router": False, "replay": "full", **METHOD_PARTS[method]}
     replay = {"full": cfg.replay_fraction, "low": cfg.low_replay_fraction,
               "none": 0.0}[parts["replay"]]

@@ -109,3 +109,26 @@ def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
                  "--config.demo.dream_updates=0"]) == 2
     assert "DreamRunConfig.steps=0 must be >= 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_row_settings_give_a_row_and_its_family_their_own_settings():
+    from sleep_jax.demo_run import parse_row_settings
+
+    cfg = DemoConfig(expert_lr=2e-2, full_lr=1e-3, replay_fraction=0.5, row_settings=(
+        "sleep:expert_lr=1e-2,replay_fraction=0.625; seed_full:replay_fraction=0.75;"
+        "sleep_long:expert_lr=3e-3"))
+    sleep, dream = method_plan(cfg, "sleep"), method_plan(cfg, "sleep_dream", {"trained": "g"})
+    for plan in (sleep, dream):  # sleep_dream takes sleep's settings
+        assert plan.sleep.optim.lr == 1e-2 and plan.replay.fraction == 0.625
+    assert method_plan(cfg, "sleep_long").sleep.optim.lr == 3e-3  # its own entry wins
+    assert method_plan(cfg, "sleep_long").replay.fraction == 0.5
+    full = method_plan(cfg, "seed_full")
+    assert full.replay.fraction == 0.75 and full.sleep.full_optim.lr == 1e-3
+    other = method_plan(cfg, "sft_slot_replay")  # no entry: the shared defaults
+    assert other.sleep.optim.lr == 2e-2 and other.replay.fraction == 0.5
+    for bad, msg in (("slep:expert_lr=1", "a method of sft, "),
+                     ("sleep:lr=1", "keys allowed: expert_lr, full_lr"),
+                     ("sleep:expert_lr=fast", "expert_lr='fast' is not a number"),
+                     ("sleep", "expected METHOD:KEY=VALUE")):
+        with pytest.raises(ValueError, match=msg):
+            parse_row_settings(bad)
