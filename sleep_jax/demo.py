@@ -53,7 +53,10 @@ class DemoConfig:
     seed: int = 0
     n_old: int = 200
     n_new: int = 40
-    n_task: int = 40  # TASK entities: dreaming-format examples in the wake mixture only
+    # TASK entities: dreaming-format examples in the wake mixture only; 200 (not 40) with 1,500
+    # dream items teaches the base to read a passage about a name it never saw (open book on
+    # validation 0.34 -> 1.00, seed 3; docs/LOG.md 2026-12-02, ninth session)
+    n_task: int = 200
     # tiny base model (about 0.45M parameters; 2 layers: twice the wake steps of 4 in the same time)
     embed: int = 128
     layers: int = 2
@@ -69,7 +72,7 @@ class DemoConfig:
     rc_items: int = 3000
     rc_max_passages: int = 3  # reading comprehension over 1..3 passages (distractors)
     general_items: int = 100
-    dream_items: int = 300  # dreaming-format examples on TASK entities
+    dream_items: int = 1500  # dreaming-format examples on TASK entities
     # sleep
     sleep_steps: int = 500
     sleep_batch: int = 32
