@@ -56,7 +56,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.cycle = section(CycleConfig, sleep_every=3, store_size=3, kl_texts=200)
         # replay 0.75 (the demo's 0.5 elsewhere): chosen on validation wordings over 4 cycles
         # (docs/LOG.md 2026-12-01, fourth session); every method gets the same share
-        config.demo = section(DemoConfig, replay_fraction=0.75)
+        # the cycle keeps the world and the settings its figures were measured with: the
+        # demo's base of before 2026-12-02 (40 TASK entities, 300 dream items) and no per-row
+        # settings (the demo's row_settings were chosen for one sleep, not for cycles)
+        config.demo = section(DemoConfig, replay_fraction=0.75, n_task=40, dream_items=300,
+                              row_settings="")
         config.cycle_demo = section(CycleDemoConfig, **_DEMO_PRESETS[name])
         config.progress_bar = True
         return config

@@ -66,7 +66,10 @@ def test_every_method_plans_a_valid_sleep():
         assert (plan.seeding is None) == sft and (plan.sleep.objective == "sft") == sft, method
         assert plan.replay.source == ("texts" if sft else "prompts"), method
     assert method_plan(cfg, "seed_noreplay").replay.fraction == 0.0
-    assert method_plan(cfg, "sleep").replay.fraction == cfg.replay_fraction > 0
+    from sleep_jax.demo_run import row_config
+
+    assert method_plan(cfg, "sleep").replay.fraction == row_config(cfg, "sleep").replay_fraction
+    assert method_plan(cfg, "sleep").replay.fraction > 0
     assert method_plan(cfg, "opsd").seeding.teacher == "self"
     assert method_plan(cfg, "sleep_gated").sleep.router
     assert not method_plan(cfg, "seed_full").sleep.expert
