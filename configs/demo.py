@@ -8,7 +8,8 @@ demo.seed, demo.seed + 1, ...; ``demo`` holds every size and budget of
 ``rows``: "default" runs demo.methods; "full" runs every baseline of the comparison
 (``sleep_jax.demo.FULL_ROWS``), about twice the time; "dream" runs dreaming's rows
 (``sleep_jax.demo.DREAM_ROWS``: sleep, sleep + dreaming, its untrained-generator and
-extra-steps controls; the generator is trained on the TASK entities first).
+extra-steps controls, dreaming alone; the generator is trained on the TASK entities first).
+``demo.row_settings`` gives rows their own lr / replay (chosen on seed 3's validation).
 """
 
 import ml_collections
