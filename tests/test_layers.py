@@ -4,7 +4,7 @@
     1 sampling train/ eval/probes                                  (forward passes, updates)
     2 grow/ distill/ rl/ dream/                                    (the method's parts)
     3 sleep sleep_rows sleep_eval cycle plan/                      (pipeline, cycles, plans)
-    4 config cli demo demo_run launch_cli cycle_cli cycle_demo */cli.py  (commands)
+    4 config cli demo demo_run demo_dream launch_cli cycle_cli cycle_demo */cli.py  (commands)
 
 A new module must be placed here; distill/ never imports the concrete decoder (it reads the
 model protocol's capabilities instead).
@@ -28,7 +28,8 @@ LAYERS = {
     3: ("sleep_jax.sleep", "sleep_jax.sleep_rows", "sleep_jax.sleep_eval", "sleep_jax.cycle",
         "sleep_jax.plan"),
     4: ("sleep_jax.config", "sleep_jax.cli", "sleep_jax.demo", "sleep_jax.demo_run",
-        "sleep_jax.launch_cli", "sleep_jax.cycle_cli", "sleep_jax.cycle_demo"),
+        "sleep_jax.launch_cli", "sleep_jax.cycle_cli", "sleep_jax.cycle_demo",
+        "sleep_jax.demo_dream"),
 }
 
 
