@@ -379,6 +379,33 @@ def test_growth_noise_draws():
         assert not z[:, src < 0].any()
 
 
+
+def test_growth_noise_blocks_match_the_whole_draw():
+    """``Normals.normal_runs`` (a draw computed only on blocks of one axis) gives the slices of
+    the whole draw ``normal`` would make as the same draw, bitwise; ``axismap._runs`` finds the
+    blocks of new entries; and a plan's random new entries placed block by block equal the
+    select over the whole array."""
+    from sleep_jax.grow.axismap import AxisPlan, _runs, resize_value
+    from sleep_jax.grow.noise import Normals
+
+    assert _runs(np.array([1, 1, 0, 0, 1, 0, 1], bool)) == [(0, 2), (4, 5), (6, 7)]
+    assert _runs(np.zeros(3, bool)) == []
+    shape, runs = (3, 10, 5), [(0, 2), (4, 5), (7, 10)]
+    whole = np.asarray(Normals(jax.random.key(3)).normal(shape))
+    blocks = Normals(jax.random.key(3)).normal_runs(shape, 1, runs)
+    for (a, b), blk in zip(runs, blocks):
+        np.testing.assert_array_equal(np.asarray(blk), whole[:, a:b])
+    # layers 0..3 -> 6 with new layers at 2 and 5 (two blocks): readers start random
+    src = np.array([0, 1, -1, 2, 3, -1])
+    plan = AxisPlan("layers", src, new={"consumer": "random"})
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 6)), jnp.float32)
+    axes = ("layers", "embed", "mlp")
+    got = resize_value(x, axes, plan, is_param=True, normals=Normals(jax.random.key(4)),
+                       noise=0.0, init_std=0.02, std=jnp.float32(0.5))
+    ref = np.asarray(Normals(jax.random.key(4)).normal((6, 8, 6))) * np.float32(0.5)
+    ref[src >= 0] = np.asarray(x)[src[src >= 0]]
+    np.testing.assert_array_equal(np.asarray(got), ref)
+
 def test_width_replication_is_shard_local():
     """On an fsdp mesh (``embed`` sharded), replicating the width moves no data between
     devices: the in-place repeat keeps each copy on its source's shard (only the noise std's

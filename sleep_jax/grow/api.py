@@ -156,6 +156,7 @@ def _grow_arrays(params, other, opt_state, normals: Normals, *, steps: list[Step
     flat_p, flat_o = flatten(params), flatten(other)
     P = {k: v[...] for k, v in flat_p.items()}
     O = {k: v[...] for k, v in flat_o.items()}
+    C = dict(P)  # the params without the copies' noise: what the stds are taken from
     AX = {k: axes_of(v) for k, v in {**flat_p, **flat_o}.items()}
     inner, clock_src, start = split_clocks(opt_state)
     moments = collect_moments(inner, params)
@@ -186,6 +187,7 @@ def _grow_arrays(params, other, opt_state, normals: Normals, *, steps: list[Step
                 for a, d in zip(axes, shape):
                     sizes.setdefault(a, d)
                 if store is P:
+                    C[k] = store[k]
                     mask[k], fresh[k] = None, jnp.ones(shape, bool)
                     if clocks is not None:
                         clocks[k] = jnp.zeros(shape, jnp.int8)
@@ -194,14 +196,15 @@ def _grow_arrays(params, other, opt_state, normals: Normals, *, steps: list[Step
         for plan in step.plans:
             has = lambda k, axis=plan.axis: AX[k] is not None and axis in AX[k]
             # the stds that scale this plan's random values, batched (see axismap.stds)
-            std = stds({k: P[k] for k in P if has(k) and needs_std(
+            # (from the arrays without noise: C, see resize_value)
+            std = stds({k: C[k] for k in P if has(k) and needs_std(
                 AX[k], plan, is_param=True, noise=options.noise)}, options.init_std)
             for k in P:
                 if not has(k):
                     continue
-                P[k] = resize_value(P[k], AX[k], plan, is_param=True, normals=normals,
-                                    noise=options.noise, init_std=options.init_std,
-                                    std=std.get(k))
+                P[k], C[k] = resize_value(P[k], AX[k], plan, is_param=True, normals=normals,
+                                          noise=options.noise, init_std=options.init_std,
+                                          std=std.get(k), clean=C[k])
                 mask[k] = resize_mask(mask[k], P[k].shape, AX[k], plan)
                 fresh[k] = resize_flag(fresh[k], P[k].shape, AX[k], plan)
                 if clocks is not None:

@@ -231,33 +231,63 @@ def needs_std(axes: tuple[str, ...], plan: AxisPlan, *, is_param: bool, noise: f
     return how == "random" or noisy
 
 
+MAX_RUNS = 4  # blocks of new entries placed one by one (more: one select over the array)
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """[(start, stop)] of the runs of True in ``flags``."""
+    edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
 def resize_value(x: jax.Array, axes: tuple[str, ...], plan: AxisPlan, *, is_param: bool,
-                 normals: Normals, noise: float, init_std: float, std=None) -> jax.Array:
+                 normals: Normals, noise: float, init_std: float, std=None, clean=None):
     """Grow a parameter (or state) array along ``plan.axis``.
 
     y[.., j, ..] = value_scale[j] * x[.., src[j], ..] for copies; new entries by ``plan.new``;
     plus, for noise roles, ``noise * std(x)`` times ``Normals.zero_sum`` noise (it sums to zero
     over the copies of one source entry, so copies that read identical inputs keep their sum).
     ``std``: std(x) when ``needs_std`` (computed here when not given; ``stds`` batches them).
+
+    ``clean``: ``x`` without the noise earlier plans added (or ``x`` itself); then returns
+    (y, y without any noise), the same copies and new entries in both. Later plans take their
+    stds from the clean array: a reduction over the noisy one computes every noise draw again
+    inside the reduction (on CPU it cost most of a growth's run time), and the noise changes
+    a std by about noise^2 / 2 relative.
     """
     ax = axes.index(plan.axis)
     role, how, noisy = _how(axes, plan, is_param, noise)
-    y = _scale(_take(x, plan, ax), plan.value.get(role), ax)
     if (how == "random" or noisy) and std is None:
-        std = stds({"x": x}, init_std)["x"]
-    if how is not None and how != "zero":  # "zero": _take already put zeros there
+        std = stds({"x": x if clean is None else clean}, init_std)["x"]
+    both = [x] if clean is None or clean is x else [x, clean]
+    ys = [_scale(_take(v, plan, ax), plan.value.get(role), ax) for v in both]
+    runs = _runs(plan.is_new) if how == "random" else []
+    if how == "random" and len(runs) <= MAX_RUNS:
+        # new entries in a few blocks (appended slots, inserted layers): each block's draw
+        # padded into place and added to the zeros _take put there (exact), so the draw is
+        # computed only where it lands (a select evaluates both its sides everywhere)
+        for (a, b), blk in zip(runs, normals.normal_runs(ys[0].shape, ax, runs)):
+            pad = jax.lax.pad((blk * std).astype(x.dtype), jnp.zeros((), x.dtype),
+                              [(a, ys[0].shape[ax] - b, 0) if i == ax else (0, 0, 0)
+                               for i in range(x.ndim)])
+            ys = [y + pad for y in ys]
+    elif how is not None and how != "zero":  # "zero": _take already put zeros there
         if how == "random":
-            fill = (normals.normal(y.shape) * std).astype(y.dtype)
+            fill = (normals.normal(ys[0].shape) * std).astype(x.dtype)
         elif how == "mean":
-            fill = (jnp.mean(x, axis=ax, keepdims=True) if x.shape[ax]
-                    else jnp.ones((), y.dtype)).astype(y.dtype)
+            fill = (jnp.mean(both[-1], axis=ax, keepdims=True) if x.shape[ax]
+                    else jnp.ones((), x.dtype)).astype(x.dtype)
         else:
-            fill = jnp.asarray(float(how), y.dtype)
-        y = jnp.where(_along(plan.is_new, ax, y.ndim), fill, y)
+            fill = jnp.asarray(float(how), x.dtype)
+        new = _along(plan.is_new, ax, x.ndim)
+        ys = [jnp.where(new, fill, y) for y in ys]
+    y = ys[0]
     if noisy:
         d = normals.zero_sum(y.shape, ax, plan.src) * (noise * std)
         y = y + d.astype(y.dtype)
-    return y
+    if clean is None:
+        return y
+    return y, ys[-1]
 
 
 def resize_moment(m: jax.Array, axes: tuple[str, ...], plan: AxisPlan, *, second: bool

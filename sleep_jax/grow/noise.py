@@ -84,9 +84,10 @@ class Normals:
         return _mix(self.seed ^ U32((self.draws * 0x9E3779B9) & 0xFFFFFFFF))
 
     @staticmethod
-    def _index(shape, extents, skip=None):
+    def _index(shape, extents, skip=None, offset=None):
         """Per axis group, the mixed-radix index of the elements' iota coordinates (axis
-        ``skip`` left out: None where a group holds only it), and (group, radix) of ``skip``."""
+        ``skip`` left out: None where a group holds only it), and (group, radix) of ``skip``.
+        ``offset``: (axis, start): coordinates along that axis start at ``start``."""
         parts, at = [], None
         for g, group in enumerate(_groups(extents)):
             idx = None
@@ -95,6 +96,8 @@ class Normals:
                     at = (g, radix)
                     continue
                 term = jax.lax.broadcasted_iota(U32, shape, a)
+                if offset is not None and a == offset[0] and offset[1]:
+                    term = term + U32(offset[1])
                 term = term if radix == 1 else term * U32(radix)
                 idx = term if idx is None else idx + term
             parts.append(idx)
@@ -110,6 +113,19 @@ class Normals:
         """[shape] float32, mean 0, variance 1."""
         parts, _ = self._index(shape, shape)
         return _approx_normal(self._finish(self._stream(), parts, shape))
+
+    def normal_runs(self, shape: tuple[int, ...], ax: int, runs) -> list[jax.Array]:
+        """One draw over ``shape`` computed only on the blocks ``runs`` = [(start, stop)] of
+        axis ``ax``: the list of those slices (the same values as slicing ``normal(shape)``).
+        The values at other entries are never computed: a select over the whole shape
+        evaluates both of its sides at every element."""
+        h = self._stream()
+        out = []
+        for start, stop in runs:
+            block = tuple(stop - start if a == ax else d for a, d in enumerate(shape))
+            parts, _ = self._index(block, shape, offset=(ax, start))
+            out.append(_approx_normal(self._finish(h, parts, block)))
+        return out
 
     def zero_sum(self, shape: tuple[int, ...], ax: int, src: np.ndarray) -> jax.Array:
         """[shape] noise of variance 1 summing to zero over the copies of each source index.
