@@ -83,9 +83,13 @@ class DemoConfig:
     low_replay_fraction: float = 0.125  # the *_low methods: does a gate need less replay?
     # a row's own settings, chosen on validation (seed 3) like every default:
     # "METHOD:KEY=VALUE,...;..." over demo_run.ROW_KEYS; sleep_dream, sleep_dream_untrained
-    # and sleep_long take sleep's (docs/LOG.md 2026-12-02, tenth session)
+    # and sleep_long take sleep's (docs/LOG.md 2026-12-02, tenth and eleventh sessions; sft
+    # and opsd forget OLD within 100 steps at every lr tried, so they are also evaluated every
+    # 20 steps: an early checkpoint can qualify)
     row_settings: str = ("sleep:expert_lr=1e-2,replay_fraction=0.625;"
-                         "seed_full:replay_fraction=0.75;sft_replay:full_lr=5e-3")
+                         "seed_full:replay_fraction=0.75;sft_replay:full_lr=5e-3;"
+                         "sft:full_lr=1e-4,eval_every=20;opsd:full_lr=2e-5,eval_every=20;"
+                         "sft_slot_replay:expert_lr=5e-3")
     gate_l1: float = 0.02  # gated methods: cost of the router's mean gate
     expert_l1: float = 0.1  # sparse methods: cost of the expert output's RMS per token
     imitation_alpha: float = 0.5  # sleep_imitate: alpha * GKD + (1 - alpha) * imitation

@@ -193,7 +193,8 @@ class MethodPlan:
 # The settings a row may set for itself (DemoConfig.row_settings), and the rows that take
 # another row's settings when they have none of their own (sleep + something takes sleep's).
 ROW_KEYS = ("expert_lr", "full_lr", "replay_fraction", "low_replay_fraction", "l2_pull",
-            "rehearse_lr", "rehearse_replay")
+            "rehearse_lr", "rehearse_replay", "eval_every")
+INT_ROW_KEYS = ("eval_every",)  # a row evaluated more often can be selected earlier
 ROW_FAMILY = {"sleep_dream": "sleep", "sleep_dream_untrained": "sleep", "sleep_long": "sleep"}
 
 
@@ -213,10 +214,14 @@ def parse_row_settings(text: str) -> dict[str, dict[str, float]]:
                 raise ValueError(f"row_settings {method}: {kv!r}; keys allowed: "
                                  f"{', '.join(ROW_KEYS)}")
             try:
-                out.setdefault(method, {})[key] = float(value)
+                v = float(value)
             except ValueError:
                 raise ValueError(f"row_settings {method}: {key}={value!r} is not a number") \
                     from None
+            if key in INT_ROW_KEYS and (v != int(v) or v < 1):
+                raise ValueError(f"row_settings {method}: {key}={value!r} must be an "
+                                 f"integer >= 1")
+            out.setdefault(method, {})[key] = int(v) if key in INT_ROW_KEYS else v
     return out
 
 

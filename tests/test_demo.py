@@ -119,7 +119,9 @@ def test_row_settings_give_a_row_and_its_family_their_own_settings():
 
     cfg = DemoConfig(expert_lr=2e-2, full_lr=1e-3, replay_fraction=0.5, row_settings=(
         "sleep:expert_lr=1e-2,replay_fraction=0.625; seed_full:replay_fraction=0.75;"
-        "sleep_long:expert_lr=3e-3"))
+        "sleep_long:expert_lr=3e-3;sft:eval_every=20"))
+    assert method_plan(cfg, "sft").sleep.eval_every == 20
+    assert method_plan(cfg, "sleep").sleep.eval_every == cfg.eval_every
     sleep, dream = method_plan(cfg, "sleep"), method_plan(cfg, "sleep_dream", {"trained": "g"})
     for plan in (sleep, dream):  # sleep_dream takes sleep's settings
         assert plan.sleep.optim.lr == 1e-2 and plan.replay.fraction == 0.625
@@ -132,6 +134,7 @@ def test_row_settings_give_a_row_and_its_family_their_own_settings():
     for bad, msg in (("slep:expert_lr=1", "a method of sft, "),
                      ("sleep:lr=1", "keys allowed: expert_lr, full_lr"),
                      ("sleep:expert_lr=fast", "expert_lr='fast' is not a number"),
-                     ("sleep", "expected METHOD:KEY=VALUE")):
+                     ("sleep", "expected METHOD:KEY=VALUE"),
+                     ("sft:eval_every=2.5", "must be an integer >= 1")):
         with pytest.raises(ValueError, match=msg):
             parse_row_settings(bad)
