@@ -76,7 +76,7 @@ class DemoConfig:
     # sleep
     sleep_steps: int = 500
     sleep_batch: int = 32
-    expert_rank: int = 32
+    expert_rank: int = 64  # what every run before 2026-12-03 got (growth ignored 32)
     expert_lr: float = 2e-2
     full_lr: float = 1e-3
     replay_fraction: float = 0.5

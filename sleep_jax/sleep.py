@@ -147,7 +147,7 @@ class SleepConfig:
     batch_size: int = 32
     expert: bool = True
     slots: int = 4
-    rank: int = 32
+    rank: int = 64  # 64, not 32, is what every run before 2026-12-03 got: growth ignored it
     router: bool = False
     when_full: str = "error"
     slot_std: float = 0.02

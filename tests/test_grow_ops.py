@@ -298,9 +298,13 @@ def test_grow_model_params_only(source):
     """The model-level convenience (seeding's entry point) on the same mesh: bitwise for slots."""
     from sleep_jax.grow import grow_model
 
-    model, mask = grow_model(source["state"].model(), SRC, SRC.replace(expert_slots=2),
+    rank = SRC.expert_rank + 3  # the first slots take the target's rank (once ignored)
+    model, mask = grow_model(source["state"].model(), SRC,
+                             SRC.replace(expert_slots=2, expert_rank=rank),
                              mesh=source["mesh"], rng=jax.random.key(7))
-    assert model.config.expert_slots == 2
+    assert (model.config.expert_slots, model.config.expert_rank) == (2, rank)
+    assert model.blocks.expert_a[...].shape == (SRC.layers, 2, SRC.embed, rank)
+    assert model.blocks.expert_b[...].shape == (SRC.layers, 2, rank, SRC.embed)
     assert bool(jnp.all(source["fwd"](model, source["tokens"], source["positions"])
                         == source["ref"]))
     assert bool(jnp.all(mask["blocks"]["expert_a"][...])) and not bool(mask["embed"][...])

@@ -76,7 +76,7 @@ class DreamRunConfig:
     steps: int = 200
     contexts: int = 4
     slots: int = 4
-    rank: int = 8
+    rank: int = 64  # what every run before 2026-12-03 got (growth ignored 8)
     gen_slot_std: float = 0.02
     optim: OptimConfig = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0)
     dream_template: str = "{context} implications:"

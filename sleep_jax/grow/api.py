@@ -82,7 +82,9 @@ def plan_growth(src: ModelConfig, dst: ModelConfig, options: GrowOptions | None 
             steps.append(Step(name, after, plans))
         cfg = after
 
-    after = cfg.replace(expert_slots=dst.expert_slots, expert_router=dst.expert_router)
+    # the rank too: the first slots may take any rank (check_growth), later ones keep it
+    after = cfg.replace(expert_slots=dst.expert_slots, expert_rank=dst.expert_rank,
+                        expert_router=dst.expert_router)
     add("experts", after, expert_plans(cfg, after))
     after = cfg.replace(heads=dst.heads, kv_heads=dst.kv_heads)
     add("heads", after, head_plans(cfg, after, options.heads))
