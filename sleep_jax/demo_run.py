@@ -193,8 +193,8 @@ class MethodPlan:
 # The settings a row may set for itself (DemoConfig.row_settings), and the rows that take
 # another row's settings when they have none of their own (sleep + something takes sleep's).
 ROW_KEYS = ("expert_lr", "full_lr", "replay_fraction", "low_replay_fraction", "l2_pull",
-            "rehearse_lr", "rehearse_replay", "eval_every")
-INT_ROW_KEYS = ("eval_every",)  # a row evaluated more often can be selected earlier
+            "rehearse_lr", "rehearse_replay", "eval_every", "expert_rank")
+INT_ROW_KEYS = ("eval_every", "expert_rank")  # eval_every: an early checkpoint can qualify
 ROW_FAMILY = {"sleep_dream": "sleep", "sleep_dream_untrained": "sleep", "sleep_long": "sleep"}
 
 
@@ -419,8 +419,8 @@ def in_context(ctx: Ctx, model) -> dict:
 def make_validation(ctx: Ctx):
     """``validation(model) -> {"val_new", "val_old"}``: closed-book accuracy on the
     VALIDATION wordings (val_near + val_far), NEW entities and the first ``val_old_entities``
-    OLD ones (a subsample, for speed). The only figures that choose a checkpoint."""
-    keep = {e.id for e in ctx.world.entities("old")[:ctx.cfg.val_old_entities]}
+    OLD ones (0 = all, the default). The only figures that choose a checkpoint."""
+    keep = {e.id for e in ctx.world.entities("old")[:ctx.cfg.val_old_entities or None]}
     new = [q for w in worldlib.VALIDATION for q in ctx.world.qa("new", w)]
     old = [q for w in worldlib.VALIDATION for q in ctx.world.qa("old", w)
            if q.memory_id in keep]

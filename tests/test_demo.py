@@ -103,6 +103,9 @@ def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
     assert "demo.store_size=0 must be in [1, n_new=40]" in capsys.readouterr().err
     assert main(["--workdir", str(out), "--config.demo.sft_seq_len=20"]) == 2
     assert "demo.sft_seq_len=20 must be >= 35" in capsys.readouterr().err
+    assert main(["--workdir", str(out), "--config.demo.val_old_entities=201"]) == 2
+    assert "demo.val_old_entities=201 must be in [0, n_old=200] (0 = all)" in \
+        capsys.readouterr().err
     assert main(["--workdir", str(out), "--config.rows=al"]) == 2
     assert "rows='al'; allowed: default, full, dream" in capsys.readouterr().err
     assert main(["--workdir", str(out), "--config.demo.methods=('sleep_dream',)",
@@ -119,8 +122,10 @@ def test_row_settings_give_a_row_and_its_family_their_own_settings():
 
     cfg = DemoConfig(expert_lr=2e-2, full_lr=1e-3, replay_fraction=0.5, row_settings=(
         "sleep:expert_lr=1e-2,replay_fraction=0.625; seed_full:replay_fraction=0.75;"
-        "sleep_long:expert_lr=3e-3;sft:eval_every=20"))
+        "sleep_long:expert_lr=3e-3,expert_rank=64;sft:eval_every=20"))
     assert method_plan(cfg, "sft").sleep.eval_every == 20
+    assert method_plan(cfg, "sleep_long").sleep.rank == 64  # a row's own slot rank
+    assert method_plan(cfg, "sleep").sleep.rank == cfg.expert_rank
     assert method_plan(cfg, "sleep").sleep.eval_every == cfg.eval_every
     sleep, dream = method_plan(cfg, "sleep"), method_plan(cfg, "sleep_dream", {"trained": "g"})
     for plan in (sleep, dream):  # sleep_dream takes sleep's settings
@@ -135,6 +140,7 @@ def test_row_settings_give_a_row_and_its_family_their_own_settings():
                      ("sleep:lr=1", "keys allowed: expert_lr, full_lr"),
                      ("sleep:expert_lr=fast", "expert_lr='fast' is not a number"),
                      ("sleep", "expected METHOD:KEY=VALUE"),
-                     ("sft:eval_every=2.5", "must be an integer >= 1")):
+                     ("sft:eval_every=2.5", "must be an integer >= 1"),
+                     ("sleep:expert_rank=0", "must be an integer >= 1")):
         with pytest.raises(ValueError, match=msg):
             parse_row_settings(bad)
