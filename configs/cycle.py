@@ -58,9 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # (docs/LOG.md 2026-12-01, fourth session); every method gets the same share
         # the cycle keeps the world and the settings its figures were measured with: the
         # demo's base of before 2026-12-02 (40 TASK entities, 300 dream items) and no per-row
-        # settings (the demo's row_settings were chosen for one sleep, not for cycles)
+        # settings (the demo's row_settings were chosen for one sleep, not for cycles), and
+        # the slot rank 64 its runs got (growth ignored the setting before 2026-12-03)
         config.demo = section(DemoConfig, replay_fraction=0.75, n_task=40, dream_items=300,
-                              row_settings="")
+                              row_settings="", expert_rank=64)
         config.cycle_demo = section(CycleDemoConfig, **_DEMO_PRESETS[name])
         config.progress_bar = True
         return config

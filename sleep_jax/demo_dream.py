@@ -74,6 +74,7 @@ def generator_configs(cfg):
     from sleep_jax.train.optim import OptimConfig
 
     run = DreamRunConfig(steps=cfg.dream_updates, contexts=cfg.dream_contexts, seed=cfg.seed,
+                         rank=min(cfg.dream_rank, cfg.expert_rank),
                          optim=OptimConfig(lr=cfg.dream_lr, warmup_steps=0, weight_decay=0.0),
                          dream_template=worldlib.DREAM_TEMPLATES["implications"],
                          prompt_format=worldlib.CLOSED_BOOK_FORMAT,

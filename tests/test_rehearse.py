@@ -63,12 +63,12 @@ def _randomise_slots(model, scale=0.1, seed=10):
     return nnx.merge(g, params, other)
 
 
-def _slotted(E=3):
-    """(teacher, a model grown to E slots of rank 4 with slot 0 on and random, as an earlier
+def _slotted(E=3, rank=4):
+    """(teacher, a model grown to E slots of ``rank`` with slot 0 on and random, as an earlier
     sleep leaves it; the other slots off)."""
     base = create_model(CFG, seed=0)
     mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
-    grown, _ = grow_model(base, CFG, CFG.replace(expert_slots=E, expert_rank=4), mesh=mesh,
+    grown, _ = grow_model(base, CFG, CFG.replace(expert_slots=E, expert_rank=rank), mesh=mesh,
                           rng=jax.random.key(1))
     grown, _ = activate_slot(grown, None, 0, jax.random.key(2))
     return base, _randomise_slots(grown)
@@ -79,7 +79,9 @@ def _flat_params(model):
 
 
 def test_mixed_batch_by_hand_and_the_loss_falls_on_dream_rows_not_on_control_rows():
-    base, grown = _slotted()
+    # rank 64: the learning check below was measured there (at rank 4 the dream rows' NLL
+    # falls 0.29 in its 30 steps, against -0.01 for the control rows)
+    base, grown = _slotted(rank=64)
     grown, _ = activate_slot(grown, None, SLOT, jax.random.key(3))
     state = adapters.create_adapter_state(_randomise_slots(grown, seed=20), SLOT,
                                           make_optimizer(OptimConfig(), 10))
