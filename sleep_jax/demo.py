@@ -83,6 +83,7 @@ class DemoConfig:
     expert_rank: int = 384
     expert_lr: float = 2e-2
     full_lr: float = 1e-3
+    sleep_warmup: int = 10  # linear warmup steps of every sleep-phase optimizer (then cosine)
     replay_fraction: float = 0.5
     low_replay_fraction: float = 0.125  # the *_low methods: does a gate need less replay?
     # a row's own settings, chosen on validation (seed 3) like every default:

@@ -193,8 +193,9 @@ class MethodPlan:
 # The settings a row may set for itself (DemoConfig.row_settings), and the rows that take
 # another row's settings when they have none of their own (sleep + something takes sleep's).
 ROW_KEYS = ("expert_lr", "full_lr", "replay_fraction", "low_replay_fraction", "l2_pull",
-            "rehearse_lr", "rehearse_replay", "eval_every", "expert_rank")
-INT_ROW_KEYS = ("eval_every", "expert_rank")  # eval_every: an early checkpoint can qualify
+            "rehearse_lr", "rehearse_replay", "eval_every", "expert_rank", "sleep_warmup")
+# eval_every: an early checkpoint can qualify
+INT_ROW_KEYS = ("eval_every", "expert_rank", "sleep_warmup")
 ROW_FAMILY = {"sleep_dream": "sleep", "sleep_dream_untrained": "sleep", "sleep_long": "sleep"}
 
 
@@ -250,8 +251,8 @@ def method_plan(cfg, method: str, generators: dict | None = None) -> MethodPlan:
             expert_l1=cfg.expert_l1 if parts.get("expert_l1") else 0.0,
             alpha=cfg.imitation_alpha if parts.get("imitation") else 1.0,
             teacher=parts.get("teacher", "frozen"), lam=parts.get("lam", 0.5))
-    opt = lambda lr, pull=0.0: OptimConfig(lr=lr, warmup_steps=10, weight_decay=0.0,
-                                           pull_to_init=pull)
+    opt = lambda lr, pull=0.0: OptimConfig(lr=lr, warmup_steps=cfg.sleep_warmup,
+                                           weight_decay=0.0, pull_to_init=pull)
     rehearse = RehearseConfig()
     if parts.get("rehearse"):
         from sleep_jax.demo_dream import dream_config

@@ -122,8 +122,11 @@ def test_row_settings_give_a_row_and_its_family_their_own_settings():
 
     cfg = DemoConfig(expert_lr=2e-2, full_lr=1e-3, replay_fraction=0.5, row_settings=(
         "sleep:expert_lr=1e-2,replay_fraction=0.625; seed_full:replay_fraction=0.75;"
-        "sleep_long:expert_lr=3e-3,expert_rank=64;sft:eval_every=20"))
+        "sleep_long:expert_lr=3e-3,expert_rank=64,sleep_warmup=100;sft:eval_every=20"))
     assert method_plan(cfg, "sft").sleep.eval_every == 20
+    long = method_plan(cfg, "sleep_long").sleep  # a row's own warmup, in both optimizers
+    assert long.optim.warmup_steps == long.full_optim.warmup_steps == 100
+    assert method_plan(cfg, "sleep").sleep.optim.warmup_steps == cfg.sleep_warmup
     assert method_plan(cfg, "sleep_long").sleep.rank == 64  # a row's own slot rank
     assert method_plan(cfg, "sleep").sleep.rank == cfg.expert_rank
     assert method_plan(cfg, "sleep").sleep.eval_every == cfg.eval_every
