@@ -3,7 +3,8 @@
 
 Sections (each the frozen dataclass beside the code that uses it):
   run    sleep_jax.dream.cli.DreamRunConfig: steps, contexts per step, growth (slots, rank),
-         the generator's optimizer, the dream prompt and question formats, run-loop cadence
+         the generator's optimizer, the dream prompt and question formats, routing noise
+         over the checkpoint's trained slots (route_noise), run-loop cadence
   dream  sleep_jax.dream.config.DreamConfig: dreams per context, selection (top-k + random),
          the inner loop (steps, lr, clipping), the reward (contrastive or binary), pg_over
   rl     sleep_jax.rl.config.RLConfig: the generator update ("grpo" or "rest_em") and sampling

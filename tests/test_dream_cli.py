@@ -141,6 +141,39 @@ def test_bad_task_lines_name_file_line_and_value(tmp_path, line, where, says):
     assert str(e.value).startswith(f"{path}:{where}: ") and says in str(e.value), str(e.value)
 
 
+# two runs of one step of a 1-layer model: about 18 s on 2 cores
+def test_dream_command_routing_noise_over_the_trained_slots(tmp_path):
+    """A checkpoint holding one trained slot (an earlier sleep's): with route_noise the
+    generator's dreams are sampled with that slot scaled per token (``dream.noise``), so the
+    same seed draws other dreams and rewards; the run records the slots it drew from. Without
+    a trained slot the setting is off."""
+    import jax
+    from flax import nnx
+
+    from sleep_jax.grow import activate_slot
+    from sleep_jax.train import adapters
+
+    cfg = get_preset("tiny", vocab=48, embed=32, mlp=64, layers=1, heads=4, kv_heads=2,
+                     head_dim=8, expert_slots=3, expert_rank=4)
+    model, _ = activate_slot(create_model(cfg, seed=0), None, 0, jax.random.key(1))
+    g, params, other = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda x: x, params)
+    for i, (_, v) in enumerate(sorted(adapters.slot_leaves(params).items())):
+        v.set_value(jax.random.normal(jax.random.key(10 + i), v.shape) * 0.5)  # "trained"
+    save_checkpoint(tmp_path / "base", nnx.merge(g, params, other), _tokenizer(), tokens=TOKENS)
+    runs = {}
+    for name, noise in (("plain", "0.0"), ("noisy", "3.0")):
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copytree(tmp_path / "base", d / "base")
+        assert cli.main(_args(d, 1, f"--config.run.route_noise={noise}")) == 0
+        info = load_checkpoint(str(d / "run" / "model"))[2]["extra"]["dream"]
+        runs[name] = (info, read_metrics(str(d / "run" / "metrics.jsonl"))[0])
+    assert runs["plain"][0]["noise_slots"] == [] and runs["noisy"][0]["noise_slots"] == [0]
+    assert (runs["plain"][0]["generator_slot"], runs["plain"][0]["inner_slot"]) == (1, 2)
+    assert runs["plain"][1]["reward_mean"] != runs["noisy"][1]["reward_mean"]
+
+
 def test_bad_input_to_the_command(tmp_path, capsys):
     bad = _write(tmp_path / "bad.jsonl", [RECORDS[0], {"id": "t1", "context": 5}])
     base = ["--checkpoint", str(tmp_path / "none"), "--workdir", str(tmp_path / "run")]
@@ -155,4 +188,6 @@ def test_bad_input_to_the_command(tmp_path, capsys):
     assert "must contain {context}" in capsys.readouterr().err
     assert cli.main(["--tasks", one, *base, "--config.rl.algorithm=ppo"]) == 2
     assert "'grpo' or 'rest_em'" in capsys.readouterr().err
+    assert cli.main(["--tasks", one, *base, "--config.run.route_noise=-1"]) == 2
+    assert "DreamRunConfig.route_noise=-1.0 must be >= 0" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run")

@@ -68,6 +68,10 @@ class DreamRunConfig:
     optim: the generator adapter's optimizer (AdamW + warmup + cosine + clipping).
     dream_template: the dream prompt around the context ({context}); prompt_format: a question's
       closed-book prompt ({question}), tau's prompts.
+    route_noise: routing noise while the generator samples (``dream.noise``): at every token one
+      of the checkpoint's trained slots (earlier sleeps'), drawn uniformly, has its output
+      scaled by 1 + route_noise; 0 (default) turns it off, and it is off when no slot is
+      trained.
     log_every / checkpoint_every / keep_checkpoints / progress_bar: the run loop.
     mesh / devices: the mesh (``mesh.run_mesh``: the spec over every device of every process,
       or the first ``devices`` of one process).
@@ -82,6 +86,7 @@ class DreamRunConfig:
     dream_template: str = "{context} implications:"
     prompt_format: str = "question: {question} answer:"
     seed: int = 0
+    route_noise: float = 0.0
     log_every: int = 1
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
@@ -93,6 +98,9 @@ class DreamRunConfig:
         for name in ("steps", "contexts", "slots", "rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DreamRunConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.route_noise < 0:
+            raise ValueError(f"DreamRunConfig.route_noise={self.route_noise} must be >= 0 "
+                             f"(0: off)")
         for name, field in (("dream_template", "context"), ("prompt_format", "question")):
             text = getattr(self, name)
             try:
@@ -208,6 +216,7 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
 
     from sleep_jax import runtime
     from sleep_jax.dream import iteration
+    from sleep_jax.grow.experts import used_slots
     from sleep_jax.mesh import make_mesh
     from sleep_jax.models.checkpoint_dir import save_checkpoint
     from sleep_jax.train.loop import LoopConfig, RngSource, read_metrics, run_loop
@@ -220,6 +229,8 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
     key = jax.random.key(run.seed)
     mesh = mesh or make_mesh("fsdp=1", devices=jax.devices()[:1])
     model, gslot, islot = prepare_model(base, run, jax.random.fold_in(key, 99), mesh)
+    noise = tuple(e for e in used_slots(model) if e not in (gslot, islot)) \
+        if run.route_noise > 0 else ()  # the trained slots of earlier sleeps
     gen, a0 = iteration.prepare(model, gen_slot=gslot, inner_slot=islot,
                                 tx=make_optimizer(run.optim, run.steps))
     N = arrays.prompt.shape[0]
@@ -241,7 +252,8 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
     @jax.jit
     def core(g, adapter0, batch, rng):
         g, out = iteration.dream_iteration(g, islot, adapter0, batch, rng, cfg=cfg, rl=rl,
-                                           bos_id=bos, eos_id=eos, pad_id=pad)
+                                           bos_id=bos, eos_id=eos, pad_id=pad,
+                                           noise_slots=noise, noise_scale=run.route_noise)
         m = {k: v for k, v in out.items() if getattr(v, "ndim", 1) == 0}
         m["skipped"] = out.get("update/skipped", 0)
         return {"params": g.params, "opt_state": g.opt_state, "step": g.step}, m
@@ -264,7 +276,8 @@ def train_generator(base, tok, meta, arrays, *, run: DreamRunConfig, cfg, rl, wo
     model_dir = os.path.join(workdir, "model")
     info = {"generator_slot": gslot, "inner_slot": islot, "generator_file": GENERATOR_FILE,
             "steps": res.step, "dream_template": run.dream_template,
-            "prompt_format": run.prompt_format, "config": dataclasses.asdict(cfg),
+            "prompt_format": run.prompt_format, "noise_slots": list(noise),
+            "route_noise": run.route_noise, "config": dataclasses.asdict(cfg),
             "rl": dataclasses.asdict(rl)}
     # the model as the dreams see it (the generator slot's B = 0); the trained adapter is kept
     # beside it, not written into the slot, so the checkpoint computes what its input did

@@ -220,7 +220,8 @@ def dream_contexts(gen: AdapterState, inner_slot, adapter0, batch: DreamBatch, r
 
 def dream_iteration(gen: AdapterState, inner_slot, adapter0, batch: DreamBatch, rng, *,
                     cfg: DreamConfig, rl: RLConfig, bos_id: int | None, eos_id: int | None,
-                    pad_id: int = 0, shuffle_rewards=False) -> tuple[AdapterState, dict]:
+                    pad_id: int = 0, shuffle_rewards=False, noise_slots=(),
+                    noise_scale: float = 0.0) -> tuple[AdapterState, dict]:
     """One dream iteration (module docstring), pure: jit it whole.
 
     Args:
@@ -235,6 +236,10 @@ def dream_iteration(gen: AdapterState, inner_slot, adapter0, batch: DreamBatch, 
         rewards are permuted at random across all dreams of the batch (every context's group)
         before the update, so the update sees rewards with their marginal distribution but
         unrelated to the dreams. The metrics report the true rewards.
+      noise_slots, noise_scale: routing noise while the dreams are sampled (``noise``; the
+        trained slots of earlier sleeps, static): the rollout's behaviour log-probs are the
+        noisy sampler's, the update's the generator's without noise, so GRPO's clipped ratio
+        is the off-policy correction. Off with no slot or scale 0.
     Returns:
       (gen after the update, out) with out: "rewards" [Nc,m] (pg_over="all") or [Nc,k+b]
       ("kept"), "tokens"/"mask" [Nc,k+b,Mx] (the kept dreams), "keep", "scores" [Nc,m] and
@@ -246,8 +251,16 @@ def dream_iteration(gen: AdapterState, inner_slot, adapter0, batch: DreamBatch, 
     if batch.tau is None:
         raise ValueError("dream_iteration needs batch.tau (the contexts' questions)")
     rng_dream, rng_upd = jax.random.split(rng)
+    policy = None
+    if noise_slots and noise_scale > 0:
+        from sleep_jax.dream.noise import RoutingNoise
+
+        rng_dream, k_noise = jax.random.split(rng_dream)
+        policy = RoutingNoise(gen.model(), noise_slots, scale=noise_scale, key=k_noise,
+                              max_len=batch.prompt.shape[1] + cfg.max_dream_tokens + 1)
     rollout, sel = generate_and_select(gen, inner_slot, adapter0, batch, rng_dream, cfg=cfg,
-                                       rl=rl, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+                                       rl=rl, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+                                       policy=policy)
     keep, base = sel["keep"], sel["base"]
     Nc, m = sel["scores"].shape
     if cfg.pg_over == "all":
