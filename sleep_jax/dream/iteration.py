@@ -239,7 +239,8 @@ def dream_iteration(gen: AdapterState, inner_slot, adapter0, batch: DreamBatch, 
       noise_slots, noise_scale: routing noise while the dreams are sampled (``noise``; the
         trained slots of earlier sleeps, static): the rollout's behaviour log-probs are the
         noisy sampler's, the update's the generator's without noise, so GRPO's clipped ratio
-        is the off-policy correction. Off with no slot or scale 0.
+        is the off-policy correction (with rl.kl_coef > 0, default 0, the KL's reference is
+        those noisy log-probs too: no reference model is passed). Off with no slot or scale 0.
     Returns:
       (gen after the update, out) with out: "rewards" [Nc,m] (pg_over="all") or [Nc,k+b]
       ("kept"), "tokens"/"mask" [Nc,k+b,Mx] (the kept dreams), "keep", "scores" [Nc,m] and
